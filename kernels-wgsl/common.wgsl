@@ -1,0 +1,58 @@
+// Helpers shared by every kernel file; each file is compiled as common.wgsl + itself.
+// Tensors live in array<u32> storage so adapters without SHADER_F16 (Mesa GL,
+// browsers) run every dtype: f16 goes through unpack2x16float, bf16 through shifts.
+
+// Storage element type, set per pipeline: 0 = f32, 1 = f16, 2 = bf16.
+override DTYPE: u32 = 0u;
+
+// Stands in for -inf: WGSL has no infinity literal, and masked scores never reach exp().
+const NEG_BIG: f32 = -3.0e38;
+
+// The 32-bit word that holds element i.
+fn elem_word(i: u32) -> u32 {
+    if (DTYPE == 0u) {
+        return i;
+    }
+    return i >> 1u;
+}
+
+// Element i as f32, given the word elem_word(i) holds.
+fn unpack_elem(word: u32, i: u32) -> f32 {
+    if (DTYPE == 0u) {
+        return bitcast<f32>(word);
+    }
+    let hi = (i & 1u) == 1u;
+    if (DTYPE == 1u) {
+        let pair = unpack2x16float(word);
+        return select(pair.x, pair.y, hi);
+    }
+    let bits = select(word & 0xffffu, word >> 16u, hi);
+    return bitcast<f32>(bits << 16u);
+}
+
+// x rounded to the storage type; 16-bit types in the low half.
+fn pack_elem(x: f32) -> u32 {
+    if (DTYPE == 0u) {
+        return bitcast<u32>(x);
+    }
+    if (DTYPE == 1u) {
+        return pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu;
+    }
+    let b = bitcast<u32>(x);
+    if (x != x) {
+        return 0x7fc0u;
+    }
+    // Round to nearest, ties to even.
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// A quiet NaN in the storage type.
+fn nan_bits() -> u32 {
+    if (DTYPE == 0u) {
+        return 0x7fc00000u;
+    }
+    if (DTYPE == 1u) {
+        return 0x7e00u;
+    }
+    return 0x7fc0u;
+}

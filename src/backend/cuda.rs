@@ -1,0 +1,147 @@
+//! CUDA plumbing: the context, the module built from the fatbin that build.rs
+//! embedded, a function cache, and the caller-owned workspace.
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Every `kernels-cuda/*.cu`, compiled by build.rs into one fatbin (empty when nvcc was missing).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/frugal_attn.fatbin"));
+/// What build.rs did about the CUDA kernels, for error messages.
+const BUILD_STATUS: &str = env!("FRUGAL_CUDA_BUILD");
+
+const NAME: &str = "cuda";
+
+/// True when build.rs compiled the CUDA kernels into this binary.
+pub fn kernels_compiled() -> bool {
+    !FATBIN.is_empty()
+}
+
+/// A CUDA device with this crate's kernels loaded.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    name: String,
+    sm_count: usize,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("name", &self.name).finish()
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` (its primary context). Returns `Err`, never panics,
+    /// when the kernels were not compiled, libcuda is missing, or there is no device.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !kernels_compiled() {
+            return Err(Error::unavailable(
+                NAME,
+                format!(
+                    "the CUDA kernels were not compiled into this build ({BUILD_STATUS}); install the CUDA 13 \
+                     compiler (or set NVCC=/path/to/nvcc) and rebuild"
+                ),
+            ));
+        }
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::unavailable(NAME, "libcuda (the NVIDIA driver) was not found"));
+        }
+        let count = std::panic::catch_unwind(CudaContext::device_count)
+            .map_err(|_| Error::unavailable(NAME, "the CUDA driver could not be initialised"))?
+            .map_err(|e| Error::unavailable(NAME, format!("cuInit/cuDeviceGetCount failed: {e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::unavailable(NAME, format!("no CUDA device {ordinal} ({count} present)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::device(NAME, e))?;
+        Self::from_context(ctx)
+    }
+
+    /// Loads the kernels into a context the caller already owns (an engine's).
+    pub fn from_context(ctx: Arc<CudaContext>) -> Result<Self> {
+        if !kernels_compiled() {
+            return Err(Error::unavailable(NAME, format!("the CUDA kernels were not compiled ({BUILD_STATUS})")));
+        }
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+            .map_err(|e| Error::device(NAME, format!("loading the kernel fatbin: {e}")))?;
+        let name = ctx.name().map_err(|e| Error::device(NAME, e))?;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::device(NAME, e))? as usize;
+        let stream = ctx.new_stream().map_err(|e| Error::device(NAME, e))?;
+        Ok(CudaBackend { ctx, stream, module, functions: Mutex::new(HashMap::new()), name, sm_count })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A stream owned by the backend, used by the host-level helpers; engines pass their own.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// A kernel of the embedded module, looked up once.
+    pub fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| Error::device(NAME, format!("kernel `{name}` missing from the fatbin: {e}")))?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Refuses a stream that belongs to another context: the module lives in ours.
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::invalid("stream", "belongs to a different CUDA context than the backend"))
+        }
+    }
+
+    pub fn device_error(e: impl std::fmt::Display) -> Error {
+        Error::device(NAME, e)
+    }
+}
+
+/// Scratch memory a caller allocates once and hands to every launch; each
+/// technique's `workspace_bytes` says how much a shape needs.
+pub struct CudaWorkspace {
+    buf: CudaSlice<u8>,
+}
+
+impl CudaWorkspace {
+    pub fn new(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
+        // Never zero-sized: cudarc refuses empty allocations on some drivers.
+        let buf = stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| Error::device(NAME, e))?;
+        Ok(CudaWorkspace { buf })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Base device address, 256-byte aligned by the allocator.
+    pub(crate) fn device_ptr(&self, stream: &CudaStream) -> u64 {
+        let (ptr, _sync) = self.buf.device_ptr(stream);
+        ptr
+    }
+}

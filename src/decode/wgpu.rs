@@ -1,0 +1,159 @@
+//! WGSL launchers for dense decode (`kernels-wgsl/decode.wgsl`).
+
+use super::{BufferLens, DecodeParams};
+use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::dtype::DType;
+use crate::error::{ensure, Error, Result};
+
+const FILE: &str = "decode.wgsl";
+const SOURCE: &str = include_str!("../../kernels-wgsl/decode.wgsl");
+
+/// Mirrors `struct Params` of decode.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    q_sb: u32,
+    q_sh: u32,
+    k_sb: u32,
+    k_sh: u32,
+    k_ss: u32,
+    v_sb: u32,
+    v_sh: u32,
+    v_ss: u32,
+    o_sb: u32,
+    o_sh: u32,
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32,
+    chunk_len: u32,
+    num_splits: u32,
+    head_chunks: u32,
+    lens_off: u32,
+    lse_off: u32,
+    scale: f32,
+    pad: [u32; 3],
+}
+
+/// Records dense decode into `encoder`: `out[b, h, :] = softmax(q K^T * scale) V`
+/// over the first `seq_lens[b]` cache rows. `q`, `k_cache`, `v_cache` and `out`
+/// hold `dtype` elements; `seq_lens` holds `u32`. Nothing is submitted or
+/// waited for; `workspace` must stay untouched until the work has run.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &DecodeParams,
+    dtype: DType,
+    q: WgpuTensor<'_>,
+    k_cache: WgpuTensor<'_>,
+    v_cache: WgpuTensor<'_>,
+    seq_lens: WgpuTensor<'_>,
+    out: WgpuTensor<'_>,
+    workspace: &WgpuWorkspace,
+) -> Result<()> {
+    let limits = backend.limits();
+    let es = dtype.size() as u64;
+    let lens = BufferLens {
+        q: q.checked_len("q", es, limits)?,
+        k: k_cache.checked_len("k_cache", es, limits)?,
+        v: v_cache.checked_len("v_cache", es, limits)?,
+        seq_lens: seq_lens.checked_len("seq_lens", 4, limits)?,
+        o: out.checked_len("out", es, limits)?,
+        workspace_bytes: workspace.bytes(),
+    };
+    params.validate_buffers(lens)?;
+    for (arg, t) in [("q", &q), ("k_cache", &k_cache), ("v_cache", &v_cache), ("seq_lens", &seq_lens)] {
+        ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
+    }
+    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size as u64, "workspace", || {
+        "exceeds this device's max_storage_buffer_binding_size".into()
+    })?;
+    let plan = params.plan();
+    let s = &params.shape;
+    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
+    let groups_y = s.kv_heads * plan.head_chunks;
+    for (what, n) in [("capacity", plan.num_splits), ("kv_heads", groups_y), ("q_heads", s.q_heads)] {
+        ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
+    }
+    let u = |x: usize, arg: &str| -> Result<u32> {
+        u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
+    };
+    let (l, off) = (&params.layout, |t: &WgpuTensor<'_>| t.offset as usize);
+    let p = Params {
+        q_off: u(off(&q), "q")?,
+        k_off: u(off(&k_cache), "k_cache")?,
+        v_off: u(off(&v_cache), "v_cache")?,
+        o_off: u(off(&out), "out")?,
+        q_sb: u(l.q[0], "q_strides")?,
+        q_sh: u(l.q[1], "q_strides")?,
+        k_sb: u(l.k[0], "k_strides")?,
+        k_sh: u(l.k[1], "k_strides")?,
+        k_ss: u(l.k[2], "k_strides")?,
+        v_sb: u(l.v[0], "v_strides")?,
+        v_sh: u(l.v[1], "v_strides")?,
+        v_ss: u(l.v[2], "v_strides")?,
+        o_sb: u(l.o[0], "o_strides")?,
+        o_sh: u(l.o[1], "o_strides")?,
+        batch: s.batch as u32,
+        q_heads: s.q_heads as u32,
+        kv_heads: s.kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        capacity: s.capacity as u32,
+        chunk_len: plan.chunk_len as u32,
+        num_splits: plan.num_splits as u32,
+        head_chunks: plan.head_chunks as u32,
+        lens_off: u(off(&seq_lens), "seq_lens")?,
+        lse_off: u(params.lse_offset(), "workspace")?,
+        scale: params.scale,
+        pad: [0; 3],
+    };
+    // Offsets plus the layout extents must stay inside 32-bit element indices.
+    for (arg, t, len) in [
+        ("q", &q, params.q_len()),
+        ("k_cache", &k_cache, params.k_len()),
+        ("v_cache", &v_cache, params.v_len()),
+        ("out", &out, params.o_len()),
+    ] {
+        u(off(t) + len, arg)?;
+    }
+    let uniform = backend.uniform(&p);
+    let partial = backend.pipeline(FILE, SOURCE, "decode_partial", dtype)?;
+    let merge = backend.pipeline(FILE, SOURCE, "decode_merge", dtype)?;
+    let device = backend.device();
+    let partial_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("decode_partial"),
+        layout: &partial.get_bind_group_layout(0),
+        entries: &[
+            entry(0, &uniform),
+            entry(1, q.buffer),
+            entry(2, k_cache.buffer),
+            entry(3, v_cache.buffer),
+            entry(4, seq_lens.buffer),
+            entry(5, workspace.buffer()),
+        ],
+    });
+    let merge_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("decode_merge"),
+        layout: &merge.get_bind_group_layout(0),
+        entries: &[entry(0, &uniform), entry(4, seq_lens.buffer), entry(5, workspace.buffer()), entry(6, out.buffer)],
+    });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode"), timestamp_writes: None });
+    pass.set_pipeline(&partial);
+    pass.set_bind_group(0, &partial_bg, &[]);
+    pass.dispatch_workgroups(plan.num_splits as u32, groups_y as u32, s.batch as u32);
+    pass.set_pipeline(&merge);
+    pass.set_bind_group(0, &merge_bg, &[]);
+    pass.dispatch_workgroups(s.q_heads as u32, s.batch as u32, 1);
+    Ok(())
+}
+
+fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+}

@@ -1,0 +1,61 @@
+//! The per-backend test macro: each test body is a function of `&Backend`, run
+//! once per backend. An absent backend is reported as skipped by name (written
+//! straight to stderr, past the harness's capture), unless `FRUGAL_REQUIRE`
+//! names it, in which case the test fails.
+
+#![allow(dead_code)]
+
+use frugal_attn::backend::{self, Backend, BackendKind};
+use std::io::Write;
+use std::sync::OnceLock;
+
+static CUDA: OnceLock<Result<Option<Backend>, String>> = OnceLock::new();
+static WGPU: OnceLock<Result<Option<Backend>, String>> = OnceLock::new();
+
+/// The backend for `kind`, opened once per test binary; `None` means skip.
+pub fn backend(kind: BackendKind, test: &str) -> Option<Backend> {
+    let cell = match kind {
+        BackendKind::Cpu => return Some(Backend::Cpu),
+        BackendKind::Cuda => &CUDA,
+        BackendKind::Wgpu => &WGPU,
+    };
+    let opened = cell.get_or_init(|| backend::open_for_test(kind).map_err(|e| e.to_string()));
+    match opened {
+        Ok(Some(b)) => Some(b.clone()),
+        Ok(None) => {
+            let why = kind.open().err().map(|e| e.to_string()).unwrap_or_default();
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test} on {kind}: {why}");
+            None
+        }
+        Err(e) => panic!("{kind} is required by FRUGAL_REQUIRE but unavailable: {e}"),
+    }
+}
+
+/// `backend_tests!(f, g)` makes modules `f` and `g`, each with tests `cpu`,
+/// `wgpu` and `cuda` calling `f(&backend)` / `g(&backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use frugal_attn::backend::BackendKind;
+                #[test]
+                fn cpu() {
+                    super::$name(&frugal_attn::Backend::Cpu);
+                }
+                #[test]
+                fn wgpu() {
+                    if let Some(b) = $crate::common::backend(BackendKind::Wgpu, stringify!($name)) {
+                        super::$name(&b);
+                    }
+                }
+                #[test]
+                fn cuda() {
+                    if let Some(b) = $crate::common::backend(BackendKind::Cuda, stringify!($name)) {
+                        super::$name(&b);
+                    }
+                }
+            }
+        )*
+    };
+}
