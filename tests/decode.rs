@@ -3,7 +3,7 @@ mod common;
 use frugal_attn::decode::run::{reference, run, DecodeInputs};
 use frugal_attn::decode::{DecodeLayout, DecodeParams, DecodeShape};
 use frugal_attn::host::{rel_l2, Rng};
-use frugal_attn::{Backend, DType};
+use frugal_attn::{Backend, DType, Error};
 
 fn shape(batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> DecodeShape {
     DecodeShape { batch, q_heads, kv_heads, head_dim, capacity }
@@ -103,3 +103,160 @@ fn documented_edges(backend: &Backend) {
 }
 
 backend_tests!(matches_reference, ragged_batch, strided_layouts, odd_shapes, long_split, documented_edges);
+
+/// Buffer lengths handed to a launcher: elements of q, k, v, seq_lens, out, and workspace bytes.
+#[derive(Clone, Copy)]
+struct Lens {
+    q: usize,
+    k: usize,
+    v: usize,
+    seq: usize,
+    o: usize,
+    ws: usize,
+}
+
+impl Lens {
+    fn exact(p: &DecodeParams) -> Self {
+        Lens { q: p.q_len(), k: p.k_len(), v: p.v_len(), seq: p.shape.batch, o: p.o_len(), ws: p.workspace_bytes() }
+    }
+}
+
+/// Calls the backend's own launcher (not the host helper) on f32 buffers of the given lengths.
+fn launch_with(backend: &Backend, p: &DecodeParams, n: Lens) -> Result<(), Error> {
+    use frugal_attn::backend::{CudaWorkspace, WgpuTensor, WgpuWorkspace};
+    let lens = vec![1u32; n.seq];
+    match backend {
+        Backend::Cpu => {
+            let (q, k, v, mut o) = (vec![0.5f32; n.q], vec![0.5; n.k], vec![0.5; n.v], vec![0.0; n.o]);
+            frugal_attn::decode::reference::decode_into(p, &q, &k, &v, &lens, &mut o)
+        }
+        Backend::Wgpu(w) => {
+            let buf = |elems: usize| w.upload(&vec![0u8; elems * 4]);
+            let (q, k, v, o) = (buf(n.q), buf(n.k), buf(n.v), buf(n.o));
+            let s = w.upload(bytemuck::cast_slice(&lens));
+            let ws = WgpuWorkspace::new(w, n.ws);
+            let mut enc = w.device().create_command_encoder(&Default::default());
+            let t = WgpuTensor::new;
+            // WgpuWorkspace rounds tiny sizes up; a short workspace needs a real shortfall.
+            frugal_attn::decode::wgpu::decode(w, &mut enc, p, DType::F32, t(&q), t(&k), t(&v), t(&s), t(&o), &ws)
+        }
+        Backend::Cuda(c) => {
+            let st = c.stream();
+            let z = |elems: usize| st.alloc_zeros::<f32>(elems.max(1)).unwrap();
+            let (q, k, v, mut o) = (z(n.q), z(n.k), z(n.v), z(n.o));
+            let s = st.clone_htod(&lens).unwrap();
+            let mut ws = CudaWorkspace::new(st, n.ws)?;
+            frugal_attn::decode::cuda::decode(c, st, p, &q, &k, &v, &s, &mut o, &mut ws)
+        }
+    }
+}
+
+fn expect_err(backend: &Backend, p: &DecodeParams, n: Lens, arg: &str) {
+    match launch_with(backend, p, n) {
+        Err(e) => assert_eq!(e.argument(), Some(arg), "{backend:?}: expected an error naming `{arg}`, got: {e}"),
+        Ok(()) => panic!("{backend:?}: expected an error naming `{arg}`, the launch was accepted"),
+    }
+}
+
+/// Every argument, broken one at a time, gives an `Err` naming it.
+fn bad_input(backend: &Backend) {
+    let good = shape(2, 8, 2, 64, 600);
+    let p = DecodeParams::new(good);
+    launch_with(backend, &p, Lens::exact(&p)).unwrap_or_else(|e| panic!("{backend:?}: exact sizes rejected: {e}"));
+
+    let bad_shapes: [(DecodeShape, &str); 7] = [
+        (DecodeShape { batch: 0, ..good }, "batch"),
+        (DecodeShape { kv_heads: 0, ..good }, "kv_heads"),
+        (DecodeShape { q_heads: 7, ..good }, "q_heads"),
+        (DecodeShape { head_dim: 0, ..good }, "head_dim"),
+        (DecodeShape { head_dim: 257, ..good }, "head_dim"),
+        (DecodeShape { capacity: 0, ..good }, "capacity"),
+        (DecodeShape { batch: 70000, ..good }, "batch"),
+    ];
+    for (s, arg) in bad_shapes {
+        let bp = DecodeParams::new(s);
+        expect_err(backend, &bp, Lens { seq: s.batch.min(4), ..Lens::exact(&p) }, arg);
+    }
+    expect_err(backend, &p.with_scale(f32::NAN), Lens::exact(&p), "scale");
+    let overlapping = p.with_layout(DecodeLayout { o: [8 * 64, 32], ..p.layout });
+    expect_err(backend, &overlapping, Lens::exact(&p), "o_strides");
+
+    let n = Lens::exact(&p);
+    expect_err(backend, &p, Lens { q: n.q - 1, ..n }, "q");
+    expect_err(backend, &p, Lens { k: n.k - 1, ..n }, "k_cache");
+    expect_err(backend, &p, Lens { v: n.v - 1, ..n }, "v_cache");
+    expect_err(backend, &p, Lens { seq: 1, ..n }, "seq_lens");
+    expect_err(backend, &p, Lens { o: n.o - 1, ..n }, "out");
+    if !matches!(backend, Backend::Cpu) {
+        assert!(n.ws > 1024, "the workspace case needs a workspace larger than the rounding");
+        expect_err(backend, &p, Lens { ws: n.ws - 512, ..n }, "workspace");
+    }
+}
+
+backend_tests!(bad_input);
+
+/// Engines keep K and V of many layers in one buffer: tensors at element offsets.
+#[test]
+fn wgpu_offsets_and_shared_buffers() {
+    use frugal_attn::backend::{BackendKind, WgpuTensor, WgpuWorkspace};
+    let Some(Backend::Wgpu(w)) = common::backend(BackendKind::Wgpu, "wgpu_offsets_and_shared_buffers") else {
+        return;
+    };
+    let s = shape(2, 4, 2, 64, 100);
+    let p = DecodeParams::new(s);
+    let mut rng = Rng::new(9);
+    let x = DecodeInputs::random(&p, DType::F16, vec![100, 37], &mut rng);
+    let want = reference(&p, &x).unwrap();
+    // One buffer: [pad 3][q][pad 5][k][v], an odd offset for f16 on purpose.
+    let mut all: Vec<half::f16> = vec![half::f16::ZERO; 3];
+    let q_off = all.len();
+    all.extend(x.q.to_f64().iter().map(|&v| half::f16::from_f64(v)));
+    all.extend([half::f16::ZERO; 5]);
+    let k_off = all.len();
+    all.extend(x.k.to_f64().iter().map(|&v| half::f16::from_f64(v)));
+    let v_off = all.len();
+    all.extend(x.v.to_f64().iter().map(|&v| half::f16::from_f64(v)));
+    let _gate = w.exclusive();
+    let cache = w.upload(bytemuck::cast_slice(&all));
+    let lens = w.upload(bytemuck::cast_slice(&x.seq_lens));
+    let out = w.upload(&vec![0xFFu8; (p.o_len() + 1) * 2 + 2]);
+    let ws = WgpuWorkspace::new(&w, p.workspace_bytes());
+    let mut enc = w.device().create_command_encoder(&Default::default());
+    let at = |o: usize| WgpuTensor::at(&cache, o as u64);
+    frugal_attn::decode::wgpu::decode(
+        &w,
+        &mut enc,
+        &p,
+        DType::F16,
+        at(q_off),
+        at(k_off),
+        at(v_off),
+        WgpuTensor::new(&lens),
+        WgpuTensor::at(&out, 1),
+        &ws,
+    )
+    .unwrap();
+    w.submit_and_wait(enc).unwrap();
+    let bytes = w.read_back(&out, (p.o_len() + 2) * 2).unwrap();
+    let got: Vec<half::f16> = frugal_attn::host::bytes_to_vec(&bytes);
+    assert_eq!(got[0].to_bits(), 0xFFFF, "the element before the output must be untouched");
+    assert_eq!(got[p.o_len() + 1].to_bits(), 0xFFFF, "the element after the output must be untouched");
+    let got: Vec<f64> = got[1..=p.o_len()].iter().map(|v| v.to_f64()).collect();
+    assert!(rel_l2(&got, &want) <= DType::F16.tolerance());
+    // An output that shares a buffer with an input is refused (wgpu forbids the aliasing).
+    let mut enc = w.device().create_command_encoder(&Default::default());
+    let e = frugal_attn::decode::wgpu::decode(
+        &w,
+        &mut enc,
+        &p,
+        DType::F16,
+        at(q_off),
+        at(k_off),
+        at(v_off),
+        WgpuTensor::new(&lens),
+        at(0),
+        &ws,
+    )
+    .unwrap_err();
+    assert_eq!(e.argument(), Some("out"), "{e}");
+}

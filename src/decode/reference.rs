@@ -4,16 +4,37 @@ use super::{BufferLens, DecodeParams};
 use crate::dtype::Element;
 use crate::error::Result;
 
+/// The CPU backend's launcher: the reference, rounded into the strided output
+/// `out` of the input dtype. Validates like the GPU launchers.
+pub fn decode_into<T: Element>(
+    p: &DecodeParams,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seq_lens: &[u32],
+    out: &mut [T],
+) -> Result<()> {
+    check(p, q, k, v, seq_lens, out.len())?;
+    let r = decode(p, q, k, v, seq_lens)?;
+    let (s, o) = (&p.shape, &p.layout.o);
+    for b in 0..s.batch {
+        for h in 0..s.q_heads {
+            for d in 0..s.head_dim {
+                out[b * o[0] + h * o[1] + d] = T::from_f32(r[(b * s.q_heads + h) * s.head_dim + d] as f32);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check<T>(p: &DecodeParams, q: &[T], k: &[T], v: &[T], seq_lens: &[u32], o: usize) -> Result<()> {
+    let (q, k, v, seq_lens) = (q.len(), k.len(), v.len(), seq_lens.len());
+    p.validate_buffers(BufferLens { q, k, v, seq_lens, o, workspace_bytes: usize::MAX })
+}
+
 /// Returns `o` as a contiguous `[batch, q_heads, head_dim]` array in f64.
 pub fn decode<T: Element>(p: &DecodeParams, q: &[T], k: &[T], v: &[T], seq_lens: &[u32]) -> Result<Vec<f64>> {
-    p.validate_buffers(BufferLens {
-        q: q.len(),
-        k: k.len(),
-        v: v.len(),
-        seq_lens: seq_lens.len(),
-        o: p.o_len(),
-        workspace_bytes: usize::MAX,
-    })?;
+    check(p, q, k, v, seq_lens, p.o_len())?;
     let s = &p.shape;
     let (l, d) = (&p.layout, s.head_dim);
     let mut out = vec![0.0f64; s.batch * s.q_heads * d];

@@ -47,7 +47,7 @@ pub fn reference(params: &DecodeParams, x: &DecodeInputs) -> Result<Vec<f64>> {
 /// result, gathered into a contiguous `[batch, q_heads, head_dim]` f64 array.
 pub fn run(backend: &Backend, params: &DecodeParams, x: &DecodeInputs) -> Result<Vec<f64>> {
     let out = match backend {
-        Backend::Cpu => cpu(params, x)?,
+        Backend::Cpu => with_host_data!(&x.q, q, T => cpu::<T>(params, q, x)?),
         Backend::Cuda(c) => with_host_data!(&x.q, q, T => cuda::<T>(c, params, q, x, 0)?.0),
         Backend::Wgpu(w) => wgpu(w, params, x, 0)?.0,
     };
@@ -58,14 +58,14 @@ pub fn run(backend: &Backend, params: &DecodeParams, x: &DecodeInputs) -> Result
 pub fn time(backend: &Backend, params: &DecodeParams, x: &DecodeInputs, iters: usize) -> Result<f64> {
     let iters = iters.max(1);
     match backend {
-        Backend::Cpu => {
-            cpu(params, x)?;
+        Backend::Cpu => with_host_data!(&x.q, q, T => {
+            cpu::<T>(params, q, x)?;
             let t0 = Instant::now();
             for _ in 0..iters {
-                cpu(params, x)?;
+                cpu::<T>(params, q, x)?;
             }
             Ok(t0.elapsed().as_secs_f64() / iters as f64)
-        }
+        }),
         Backend::Cuda(c) => with_host_data!(&x.q, q, T => Ok(cuda::<T>(c, params, q, x, iters)?.1)),
         Backend::Wgpu(w) => Ok(wgpu(w, params, x, iters)?.1),
     }
@@ -87,19 +87,11 @@ fn gather(params: &DecodeParams, out: &[f64]) -> Vec<f64> {
     g
 }
 
-/// The CPU backend: the reference, rounded into a strided output of the input dtype.
-fn cpu(params: &DecodeParams, x: &DecodeInputs) -> Result<HostData> {
-    let r = reference(params, x)?;
-    let (s, o) = (&params.shape, &params.layout.o);
-    let mut out = vec![f32::NAN; params.o_len()];
-    for b in 0..s.batch {
-        for h in 0..s.q_heads {
-            for d in 0..s.head_dim {
-                out[b * o[0] + h * o[1] + d] = r[(b * s.q_heads + h) * s.head_dim + d] as f32;
-            }
-        }
-    }
-    Ok(HostData::from_f32(x.dtype(), &out))
+/// The CPU backend: the reference launcher on a NaN-poisoned output.
+fn cpu<T: Element>(params: &DecodeParams, q: &[T], x: &DecodeInputs) -> Result<HostData> {
+    let mut out = vec![T::from_f32(f32::NAN); params.o_len()];
+    reference::decode_into(params, q, typed(&x.k), typed(&x.v), &x.seq_lens, &mut out)?;
+    Ok(HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(&out)))
 }
 
 /// Runs once (and then `iters` timed launches); returns the output and seconds per launch.
