@@ -1,8 +1,5 @@
-//! frugal-attn: hand-written CUDA and WGSL kernels that make LLM attention read
-//! less memory, each with an f64 CPU reference and safe, validating launchers.
-//!
-//! One module per technique (`decode`, ...); device plumbing in [`backend`].
-//! See DESIGN.md for the math and the conventions.
+// The README is the crate documentation; its examples compile as doc tests.
+#![doc = include_str!("../README.md")]
 
 pub mod backend;
 pub mod decode;

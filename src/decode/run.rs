@@ -8,6 +8,7 @@ use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::host::{HostData, Rng};
 use crate::with_host_data;
+use cudarc::driver::CudaSlice;
 use std::time::Instant;
 
 /// Host copies of one decode step's inputs, laid out as `params.layout` says.
@@ -46,28 +47,42 @@ pub fn reference(params: &DecodeParams, x: &DecodeInputs) -> Result<Vec<f64>> {
 /// Runs one launch on `backend` into a NaN-poisoned output and returns the
 /// result, gathered into a contiguous `[batch, q_heads, head_dim]` f64 array.
 pub fn run(backend: &Backend, params: &DecodeParams, x: &DecodeInputs) -> Result<Vec<f64>> {
-    let out = match backend {
-        Backend::Cpu => with_host_data!(&x.q, q, T => cpu::<T>(params, q, x)?),
-        Backend::Cuda(c) => with_host_data!(&x.q, q, T => cuda::<T>(c, params, q, x, 0)?.0),
-        Backend::Wgpu(w) => wgpu(w, params, x, 0)?.0,
-    };
+    let out = Session::new(backend, params, x)?.output()?;
     Ok(gather(params, &out.to_f64()))
 }
 
-/// Mean seconds per launch over `iters` launches (after one warm-up launch).
+/// Mean seconds per launch over `iters` launches (inputs uploaded once, one warm-up launch).
 pub fn time(backend: &Backend, params: &DecodeParams, x: &DecodeInputs, iters: usize) -> Result<f64> {
-    let iters = iters.max(1);
-    match backend {
-        Backend::Cpu => with_host_data!(&x.q, q, T => {
-            cpu::<T>(params, q, x)?;
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                cpu::<T>(params, q, x)?;
-            }
-            Ok(t0.elapsed().as_secs_f64() / iters as f64)
-        }),
-        Backend::Cuda(c) => with_host_data!(&x.q, q, T => Ok(cuda::<T>(c, params, q, x, iters)?.1)),
-        Backend::Wgpu(w) => Ok(wgpu(w, params, x, iters)?.1),
+    Session::new(backend, params, x)?.time(iters)
+}
+
+/// Inputs resident on a backend, ready to be launched many times (benches).
+pub struct Session<'a>(Box<dyn Launch + 'a>);
+
+trait Launch {
+    /// Launches once and reads the (strided) output back.
+    fn output(&mut self) -> Result<HostData>;
+    /// Seconds per launch over `iters` back-to-back launches.
+    fn time(&mut self, iters: usize) -> Result<f64>;
+}
+
+impl<'a> Session<'a> {
+    pub fn new(backend: &'a Backend, params: &'a DecodeParams, x: &'a DecodeInputs) -> Result<Self> {
+        Ok(Session(match backend {
+            Backend::Cpu => Box::new(CpuSession { params, x }),
+            Backend::Cuda(c) => with_host_data!(&x.q, q, T => Box::new(CudaSession::<T>::new(c, params, q, x)?)),
+            Backend::Wgpu(w) => Box::new(WgpuSession::new(w, params, x)?),
+        }))
+    }
+
+    pub fn output(&mut self) -> Result<HostData> {
+        self.0.output()
+    }
+
+    /// Mean seconds per launch over `iters` launches, after one warm-up launch.
+    pub fn time(&mut self, iters: usize) -> Result<f64> {
+        self.0.output()?;
+        self.0.time(iters.max(1))
     }
 }
 
@@ -88,72 +103,145 @@ fn gather(params: &DecodeParams, out: &[f64]) -> Vec<f64> {
 }
 
 /// The CPU backend: the reference launcher on a NaN-poisoned output.
-fn cpu<T: Element>(params: &DecodeParams, q: &[T], x: &DecodeInputs) -> Result<HostData> {
-    let mut out = vec![T::from_f32(f32::NAN); params.o_len()];
-    reference::decode_into(params, q, typed(&x.k), typed(&x.v), &x.seq_lens, &mut out)?;
-    Ok(HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(&out)))
+struct CpuSession<'a> {
+    params: &'a DecodeParams,
+    x: &'a DecodeInputs,
 }
 
-/// Runs once (and then `iters` timed launches); returns the output and seconds per launch.
-fn cuda<T: Element>(
-    c: &CudaBackend,
-    params: &DecodeParams,
-    q: &[T],
-    x: &DecodeInputs,
-    iters: usize,
-) -> Result<(HostData, f64)> {
-    let err = CudaBackend::device_error;
-    let stream = c.stream();
-    let q_d = stream.clone_htod(q).map_err(err)?;
-    let k_d = stream.clone_htod(typed::<T>(&x.k)).map_err(err)?;
-    let v_d = stream.clone_htod(typed::<T>(&x.v)).map_err(err)?;
-    let lens_d = stream.clone_htod(&x.seq_lens).map_err(err)?;
-    let poison = vec![T::from_f32(f32::NAN); params.o_len()];
-    let mut o_d = stream.clone_htod(&poison).map_err(err)?;
-    let mut ws = CudaWorkspace::new(stream, params.workspace_bytes())?;
-    super::cuda::decode(c, stream, params, &q_d, &k_d, &v_d, &lens_d, &mut o_d, &mut ws)?;
-    let out: Vec<T> = stream.clone_dtoh(&o_d).map_err(err)?;
-    let mut secs = 0.0;
-    if iters > 0 {
+impl Launch for CpuSession<'_> {
+    fn output(&mut self) -> Result<HostData> {
+        let (p, x) = (self.params, self.x);
+        with_host_data!(&x.q, q, T => {
+            let mut out = vec![T::from_f32(f32::NAN); p.o_len()];
+            reference::decode_into(p, q, typed(&x.k), typed(&x.v), &x.seq_lens, &mut out)?;
+            Ok(HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(&out)))
+        })
+    }
+
+    fn time(&mut self, iters: usize) -> Result<f64> {
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            self.output()?;
+        }
+        Ok(t0.elapsed().as_secs_f64() / iters as f64)
+    }
+}
+
+struct CudaSession<'a, T: Element> {
+    c: &'a CudaBackend,
+    params: &'a DecodeParams,
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    lens: CudaSlice<u32>,
+    out: CudaSlice<T>,
+    ws: CudaWorkspace,
+}
+
+impl<'a, T: Element> CudaSession<'a, T> {
+    fn new(c: &'a CudaBackend, params: &'a DecodeParams, q: &[T], x: &DecodeInputs) -> Result<Self> {
+        let (err, st) = (CudaBackend::device_error, c.stream());
+        Ok(CudaSession {
+            c,
+            params,
+            q: st.clone_htod(q).map_err(err)?,
+            k: st.clone_htod(typed::<T>(&x.k)).map_err(err)?,
+            v: st.clone_htod(typed::<T>(&x.v)).map_err(err)?,
+            lens: st.clone_htod(&x.seq_lens).map_err(err)?,
+            out: st.clone_htod(&vec![T::from_f32(f32::NAN); params.o_len()]).map_err(err)?,
+            ws: CudaWorkspace::new(st, params.workspace_bytes())?,
+        })
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let s = self;
+        super::cuda::decode(s.c, s.c.stream(), s.params, &s.q, &s.k, &s.v, &s.lens, &mut s.out, &mut s.ws)
+    }
+}
+
+impl<T: Element> Launch for CudaSession<'_, T> {
+    fn output(&mut self) -> Result<HostData> {
+        self.launch()?;
+        let out: Vec<T> = self.c.stream().clone_dtoh(&self.out).map_err(CudaBackend::device_error)?;
+        Ok(HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(&out)))
+    }
+
+    fn time(&mut self, iters: usize) -> Result<f64> {
+        let err = CudaBackend::device_error;
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = c.context().new_event(flags).map_err(err)?;
-        let end = c.context().new_event(flags).map_err(err)?;
-        start.record(stream).map_err(err)?;
+        let start = self.c.context().new_event(flags).map_err(err)?;
+        let end = self.c.context().new_event(flags).map_err(err)?;
+        start.record(self.c.stream()).map_err(err)?;
         for _ in 0..iters {
-            super::cuda::decode(c, stream, params, &q_d, &k_d, &v_d, &lens_d, &mut o_d, &mut ws)?;
+            self.launch()?;
         }
-        end.record(stream).map_err(err)?;
+        end.record(self.c.stream()).map_err(err)?;
         end.synchronize().map_err(err)?;
-        secs = start.elapsed_ms(&end).map_err(err)? as f64 * 1e-3 / iters as f64;
+        Ok(start.elapsed_ms(&end).map_err(err)? as f64 * 1e-3 / iters as f64)
     }
-    Ok((HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(&out)), secs))
 }
 
-fn wgpu(w: &WgpuBackend, params: &DecodeParams, x: &DecodeInputs, iters: usize) -> Result<(HostData, f64)> {
-    let _gate = w.exclusive();
-    let dtype = x.dtype();
-    let q = w.upload(x.q.as_bytes());
-    let k = w.upload(x.k.as_bytes());
-    let v = w.upload(x.v.as_bytes());
-    let lens = w.upload(bytemuck::cast_slice(&x.seq_lens));
-    let out_host = HostData::poisoned(dtype, params.o_len());
-    let out = w.upload(out_host.as_bytes());
-    let ws = WgpuWorkspace::new(w, params.workspace_bytes());
-    let t = WgpuTensor::new;
-    let launch = |enc: &mut wgpu::CommandEncoder| {
-        super::wgpu::decode(w, enc, params, dtype, t(&q), t(&k), t(&v), t(&lens), t(&out), &ws)
-    };
-    let mut enc = w.device().create_command_encoder(&Default::default());
-    launch(&mut enc)?;
-    w.submit_and_wait(enc)?;
-    let bytes = w.read_back(&out, out_host.as_bytes().len())?;
-    let mut secs = 0.0;
-    if iters > 0 {
-        let mut enc = w.device().create_command_encoder(&Default::default());
-        for _ in 0..iters {
-            launch(&mut enc)?;
-        }
-        secs = w.submit_and_wait(enc)?.as_secs_f64() / iters as f64;
+struct WgpuSession<'a> {
+    w: &'a WgpuBackend,
+    params: &'a DecodeParams,
+    dtype: DType,
+    bufs: [wgpu::Buffer; 5],
+    out_bytes: usize,
+    ws: WgpuWorkspace,
+}
+
+impl<'a> WgpuSession<'a> {
+    fn new(w: &'a WgpuBackend, params: &'a DecodeParams, x: &DecodeInputs) -> Result<Self> {
+        let _gate = w.exclusive();
+        let out = HostData::poisoned(x.dtype(), params.o_len());
+        Ok(WgpuSession {
+            w,
+            params,
+            dtype: x.dtype(),
+            bufs: [
+                w.upload(x.q.as_bytes()),
+                w.upload(x.k.as_bytes()),
+                w.upload(x.v.as_bytes()),
+                w.upload(bytemuck::cast_slice(&x.seq_lens)),
+                w.upload(out.as_bytes()),
+            ],
+            out_bytes: out.as_bytes().len(),
+            ws: WgpuWorkspace::new(w, params.workspace_bytes()),
+        })
     }
-    Ok((HostData::from_bytes(dtype, &bytes), secs))
+
+    /// Records `n` launches into one encoder, submits it and waits.
+    fn launch(&self, n: usize) -> Result<f64> {
+        let t = WgpuTensor::new;
+        let [q, k, v, lens, out] = &self.bufs;
+        let mut enc = self.w.device().create_command_encoder(&Default::default());
+        for _ in 0..n {
+            super::wgpu::decode(
+                self.w,
+                &mut enc,
+                self.params,
+                self.dtype,
+                t(q),
+                t(k),
+                t(v),
+                t(lens),
+                t(out),
+                &self.ws,
+            )?;
+        }
+        Ok(self.w.submit_and_wait(enc)?.as_secs_f64())
+    }
+}
+
+impl Launch for WgpuSession<'_> {
+    fn output(&mut self) -> Result<HostData> {
+        let _gate = self.w.exclusive();
+        self.launch(1)?;
+        Ok(HostData::from_bytes(self.dtype, &self.w.read_back(&self.bufs[4], self.out_bytes)?))
+    }
+
+    fn time(&mut self, iters: usize) -> Result<f64> {
+        let _gate = self.w.exclusive();
+        Ok(self.launch(iters)? / iters as f64)
+    }
 }
