@@ -44,7 +44,6 @@ fn kernel_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
 /// Every kernel file is compiled as `common.wgsl` followed by itself, as the
 /// wgpu backend does at run time, with only the capability `unpack2x16float`
 /// needs (downlevel SHADER_F16_IN_F32, which lavapipe and Mesa GL have).
-
 fn validate_wgsl(dir: &Path) {
     let common_path = dir.join("common.wgsl");
     println!("cargo:rerun-if-changed={}", common_path.display());

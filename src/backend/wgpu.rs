@@ -263,10 +263,10 @@ impl<'a> WgpuTensor<'a> {
         if !self.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
             return fail("buffer lacks BufferUsages::STORAGE".into());
         }
-        if size % 4 != 0 {
+        if !size.is_multiple_of(4) {
             return fail(format!("buffer size {size} is not a multiple of 4 bytes"));
         }
-        if size > limits.max_storage_buffer_binding_size as u64 {
+        if size > limits.max_storage_buffer_binding_size {
             return fail(format!(
                 "buffer of {size} bytes exceeds this device's max_storage_buffer_binding_size {}",
                 limits.max_storage_buffer_binding_size

@@ -118,7 +118,7 @@ impl DecodeParams {
         ensure(s.batch <= 65535, "batch", || format!("{} exceeds 65535", s.batch))?;
         ensure(s.kv_heads >= 1, "kv_heads", || "must be at least 1".into())?;
         ensure(s.q_heads >= 1, "q_heads", || "must be at least 1".into())?;
-        ensure(s.q_heads % s.kv_heads == 0, "q_heads", || {
+        ensure(s.q_heads.is_multiple_of(s.kv_heads), "q_heads", || {
             format!("{} is not a multiple of kv_heads = {}", s.q_heads, s.kv_heads)
         })?;
         ensure(s.head_dim >= 1 && s.head_dim <= MAX_HEAD_DIM, "head_dim", || {
@@ -233,7 +233,7 @@ pub(crate) fn no_overlap(axes: &[(usize, usize)], inner: usize) -> bool {
         if st < span {
             return false;
         }
-        span = (n - 1) * st + span;
+        span += (n - 1) * st;
     }
     true
 }
