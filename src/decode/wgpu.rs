@@ -71,7 +71,7 @@ pub fn decode(
     for (arg, t) in [("q", &q), ("k_cache", &k_cache), ("v_cache", &v_cache), ("seq_lens", &seq_lens)] {
         ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
     }
-    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size as u64, "workspace", || {
+    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size, "workspace", || {
         "exceeds this device's max_storage_buffer_binding_size".into()
     })?;
     let plan = params.plan();
