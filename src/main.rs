@@ -1,1 +1,51 @@
-fn main() {}
+//! `frugal-attn`: finds the backends on this machine, checks every technique's
+//! kernels against the f64 reference and times them. `frugal-attn --help` for usage.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "frugal-attn",
+    version,
+    about = "Checks and times the frugal-attn kernels on every backend found here"
+)]
+struct Cli {
+    /// What to do; with none, `report`.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists the backends, then checks and times every technique on each available one (the default).
+    Report,
+    /// Runs one case against the f64 reference; the last line is PASS or FAIL.
+    Check(cli::CheckArgs),
+    /// Times one case; prints time per launch, GB/s and bytes moved.
+    Bench(cli::BenchArgs),
+    /// Lists each backend with its device, or why it is unavailable.
+    Devices,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command.unwrap_or(Command::Report) {
+        Command::Report => cli::report(),
+        Command::Check(args) => cli::check(&args),
+        Command::Bench(args) => cli::bench(&args),
+        Command::Devices => {
+            cli::devices();
+            Ok(true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -117,6 +117,22 @@ impl CudaBackend {
         }
     }
 
+    /// Seconds per call of `launch` (which records work on [`Self::stream`]),
+    /// timed with events around `iters` back-to-back calls.
+    pub fn time(&self, iters: usize, mut launch: impl FnMut() -> Result<()>) -> Result<f64> {
+        let err = Self::device_error;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).map_err(err)?;
+        let end = self.ctx.new_event(flags).map_err(err)?;
+        start.record(&self.stream).map_err(err)?;
+        for _ in 0..iters.max(1) {
+            launch()?;
+        }
+        end.record(&self.stream).map_err(err)?;
+        end.synchronize().map_err(err)?;
+        Ok(start.elapsed_ms(&end).map_err(err)? as f64 * 1e-3 / iters.max(1) as f64)
+    }
+
     pub fn device_error(e: impl std::fmt::Display) -> Error {
         Error::device(NAME, e)
     }

@@ -216,6 +216,16 @@ impl WgpuBackend {
         Ok(t0.elapsed())
     }
 
+    /// Seconds per call of `record`, from `iters` calls recorded into one
+    /// encoder, submitted together (wall time around submit and wait).
+    pub fn time(&self, iters: usize, mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<f64> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        for _ in 0..iters.max(1) {
+            record(&mut enc)?;
+        }
+        Ok(self.submit_and_wait(enc)?.as_secs_f64() / iters.max(1) as f64)
+    }
+
     fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })

@@ -167,17 +167,8 @@ impl<T: Element> Launch for CudaSession<'_, T> {
     }
 
     fn time(&mut self, iters: usize) -> Result<f64> {
-        let err = CudaBackend::device_error;
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.c.context().new_event(flags).map_err(err)?;
-        let end = self.c.context().new_event(flags).map_err(err)?;
-        start.record(self.c.stream()).map_err(err)?;
-        for _ in 0..iters {
-            self.launch()?;
-        }
-        end.record(self.c.stream()).map_err(err)?;
-        end.synchronize().map_err(err)?;
-        Ok(start.elapsed_ms(&end).map_err(err)? as f64 * 1e-3 / iters as f64)
+        let c = self.c;
+        c.time(iters, || self.launch())
     }
 }
 
@@ -210,38 +201,22 @@ impl<'a> WgpuSession<'a> {
         })
     }
 
-    /// Records `n` launches into one encoder, submits it and waits.
-    fn launch(&self, n: usize) -> Result<f64> {
+    fn record(&self, enc: &mut wgpu::CommandEncoder) -> Result<()> {
         let t = WgpuTensor::new;
         let [q, k, v, lens, out] = &self.bufs;
-        let mut enc = self.w.device().create_command_encoder(&Default::default());
-        for _ in 0..n {
-            super::wgpu::decode(
-                self.w,
-                &mut enc,
-                self.params,
-                self.dtype,
-                t(q),
-                t(k),
-                t(v),
-                t(lens),
-                t(out),
-                &self.ws,
-            )?;
-        }
-        Ok(self.w.submit_and_wait(enc)?.as_secs_f64())
+        super::wgpu::decode(self.w, enc, self.params, self.dtype, t(q), t(k), t(v), t(lens), t(out), &self.ws)
     }
 }
 
 impl Launch for WgpuSession<'_> {
     fn output(&mut self) -> Result<HostData> {
         let _gate = self.w.exclusive();
-        self.launch(1)?;
+        self.w.time(1, |enc| self.record(enc))?;
         Ok(HostData::from_bytes(self.dtype, &self.w.read_back(&self.bufs[4], self.out_bytes)?))
     }
 
     fn time(&mut self, iters: usize) -> Result<f64> {
         let _gate = self.w.exclusive();
-        Ok(self.launch(iters)? / iters as f64)
+        self.w.time(iters, |enc| self.record(enc))
     }
 }
