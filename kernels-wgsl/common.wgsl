@@ -56,3 +56,22 @@ fn nan_bits() -> u32 {
     }
     return 0x7fc0u;
 }
+
+// Writing element i of a 16-bit output held in atomic<u32> words: the two halves
+// of a word may belong to different invocations, so each writer clears its half
+// with atomicAnd(word, r.x) and then sets it with atomicOr(word, r.y), where
+// r = half_write(i, bits). f32 outputs are plain atomicStore(word, bits).
+fn half_write(i: u32, bits: u32) -> vec2<u32> {
+    if ((i & 1u) == 0u) {
+        return vec2<u32>(0xffff0000u, bits & 0xffffu);
+    }
+    return vec2<u32>(0x0000ffffu, (bits & 0xffffu) << 16u);
+}
+
+// Raw storage bits of element i (16-bit types in the low half), given the word elem_word(i).
+fn elem_bits(word: u32, i: u32) -> u32 {
+    if (DTYPE == 0u) {
+        return word;
+    }
+    return select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
+}
