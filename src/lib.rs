@@ -6,6 +6,7 @@ pub mod decode;
 pub mod dtype;
 pub mod error;
 pub mod host;
+pub mod sparq;
 pub mod topk;
 
 pub use backend::{Backend, BackendKind};
