@@ -3,16 +3,19 @@
 //! from the shared shape flags; the commands only ever talk to the traits.
 
 mod decode;
+mod sparq;
 mod table;
+mod topk;
 
 use clap::Args;
 use frugal_attn::backend::{self, Backend, BackendKind};
+use frugal_attn::sparq::GqaMode;
 use frugal_attn::{DType, Error, Result};
 use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode];
+pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -59,6 +62,21 @@ pub struct CaseArgs {
     /// Softmax scale [default: 1/sqrt(head-dim)]
     #[arg(long)]
     pub scale: Option<f32>,
+    /// SparQ: query components for the approximate scores [default: head-dim / 8]
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// SparQ: positions attended exactly [default: longest length / 16]; topk: the k
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// SparQ: newest positions always attended [default: k / 4]
+    #[arg(long)]
+    pub local_window: Option<usize>,
+    /// SparQ: GQA selection mode, shared or per-head
+    #[arg(long, default_value_t = GqaMode::Shared)]
+    pub gqa: GqaMode,
+    /// SparQ: no reallocation to the mean value (out = y)
+    #[arg(long)]
+    pub no_mean: bool,
 }
 
 impl Default for CaseArgs {
@@ -74,6 +92,11 @@ impl Default for CaseArgs {
             dtype: DEFAULT_DTYPE,
             seed: 0,
             scale: None,
+            r: None,
+            k: None,
+            local_window: None,
+            gqa: GqaMode::Shared,
+            no_mean: false,
         }
     }
 }
@@ -164,6 +187,11 @@ pub trait Case {
     fn tolerance(&self) -> f64 {
         self.dtype().tolerance()
     }
+    /// A line printed under the report table after this case ran on `backend`
+    /// in `secs` per launch (SparQ: its traffic and time against dense decode).
+    fn note(&self, _backend: &Backend, _secs: f64) -> Option<String> {
+        None
+    }
 }
 
 /// Accepts exactly the registered technique names (and lists them in `--help` and errors).
@@ -215,7 +243,7 @@ pub fn report() -> Result<bool> {
     println!("{devices}");
     let mut table =
         Table::new(["technique", "backend", "device", "shape", "dtype", "rel err", "result", "time/launch", "GB/s"]);
-    let mut errors = Vec::new();
+    let (mut errors, mut notes) = (Vec::new(), Vec::new());
     for t in TECHNIQUES {
         let case = t.prepare(&t.report_case())?;
         for b in &backends {
@@ -232,6 +260,7 @@ pub fn report() -> Result<bool> {
             });
             match measured {
                 Ok((err, secs)) => {
+                    notes.extend(case.note(b, secs));
                     let pass = err <= case.tolerance();
                     ok &= pass;
                     row.extend([
@@ -251,6 +280,9 @@ pub fn report() -> Result<bool> {
         }
     }
     print!("{table}");
+    for n in &notes {
+        println!("{n}");
+    }
     for e in &errors {
         eprintln!("error: {e}");
     }
