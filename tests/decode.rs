@@ -131,6 +131,7 @@ fn launch_with(backend: &Backend, p: &DecodeParams, n: Lens) -> Result<(), Error
             frugal_attn::decode::reference::decode_into(p, &q, &k, &v, &lens, &mut o)
         }
         Backend::Wgpu(w) => {
+            let _gate = w.exclusive();
             let buf = |elems: usize| w.upload(&vec![0u8; elems * 4]);
             let (q, k, v, o) = (buf(n.q), buf(n.k), buf(n.v), buf(n.o));
             let s = w.upload(bytemuck::cast_slice(&lens));

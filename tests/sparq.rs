@@ -225,6 +225,7 @@ fn launch_with(
             frugal_attn::sparq::reference::sparq_into(&p, q, &cache, &mut vec![0f32; o])
         }
         Backend::Wgpu(w) => {
+            let _gate = w.exclusive();
             let cache = frugal_attn::sparq::wgpu::SparqCache::new(w, cache, DType::F32)?;
             let (qb, ob) = (w.upload(&vec![0u8; q * 4]), w.upload(&vec![0u8; o * 4]));
             let wsb = WgpuWorkspace::new(w, ws);
@@ -289,6 +290,7 @@ fn appended_past_capacity(backend: &Backend, p: &SparqParams, x: &SparqInputs) -
     let zeros = vec![0f32; s.mean_len()];
     match backend {
         Backend::Wgpu(w) => {
+            let _gate = w.exclusive();
             let mut cache = frugal_attn::sparq::wgpu::SparqCache::new(w, s, DType::F32)?;
             let (k, v) = (w.upload(x.k.as_bytes()), w.upload(x.v.as_bytes()));
             let t = w.upload(bytemuck::cast_slice(&zeros));

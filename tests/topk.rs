@@ -71,6 +71,7 @@ fn launch_with(backend: &Backend, p: &TopkParams, (x, idx, val): (usize, usize, 
             frugal_attn::topk::reference::topk_into(p, &vec![0f32; x], &mut vec![0; idx], &mut vec![0f32; val])
         }
         Backend::Wgpu(w) => {
+            let _gate = w.exclusive();
             use frugal_attn::backend::WgpuTensor;
             let buf = |elems: usize| w.upload(&vec![0u8; elems * 4]);
             let (xb, ib, vb) = (buf(x), buf(idx), buf(val));

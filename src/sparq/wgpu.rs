@@ -1,0 +1,467 @@
+//! WGSL launchers for SparQ attention (`kernels-wgsl/sparq.wgsl`): the cache
+//! (bulk fill, one-token append) and one decode step in four launches
+//! (scores, select, gather, merge) sharing one workspace.
+
+use super::{validate_append, validate_fill, GqaMode, SparqCacheShape, SparqParams};
+use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::dtype::DType;
+use crate::error::{ensure, Error, Result};
+
+const FILE: &str = "sparq.wgsl";
+const SOURCE: &str = include_str!("../../kernels-wgsl/sparq.wgsl");
+/// Threads per workgroup of every entry point but `sparq_merge`.
+const WG: usize = 256;
+/// Head dims per workgroup of `sparq_fill_mean`.
+const FILL_DIMS: usize = 64;
+
+/// Mirrors `struct Params` of sparq.wgsl (one struct for every entry point).
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    q_off: u32,
+    o_off: u32,
+    q_sb: u32,
+    q_sh: u32,
+    o_sb: u32,
+    o_sh: u32,
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32,
+    groups: u32,
+    r: u32,
+    k: u32,
+    window: u32,
+    realloc: u32,
+    gqa_shared: u32,
+    score_chunk: u32,
+    score_splits: u32,
+    gather_chunk: u32,
+    gather_splits: u32,
+    k_cap: u32,
+    hpb: u32,
+    head_chunks: u32,
+    logits_off: u32,
+    norm_off: u32,
+    lse_off: u32,
+    keys_off: u32,
+    idx_off: u32,
+    part_off: u32,
+    scale: f32,
+    src_off: u32,
+    src_sb: u32,
+    src_sh: u32,
+    src_ss: u32,
+    src2_off: u32,
+}
+
+fn u32_of(x: usize, arg: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
+}
+
+fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+}
+
+fn bind_group(
+    backend: &WgpuBackend,
+    pipeline: &wgpu::ComputePipeline,
+    label: &str,
+    entries: &[wgpu::BindGroupEntry<'_>],
+) -> wgpu::BindGroup {
+    backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries,
+    })
+}
+
+/// A SparQ cache on a wgpu device: K, K^T and V in `dtype` (packed into u32
+/// words), the mean of V in f32 and the lengths in u32, plus the host copy of
+/// the lengths.
+pub struct SparqCache {
+    shape: SparqCacheShape,
+    dtype: DType,
+    k: wgpu::Buffer,
+    kt: wgpu::Buffer,
+    v: wgpu::Buffer,
+    mean: wgpu::Buffer,
+    lens: wgpu::Buffer,
+    host_lens: Vec<u32>,
+}
+
+impl std::fmt::Debug for SparqCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparqCache")
+            .field("shape", &self.shape)
+            .field("dtype", &self.dtype)
+            .field("seq_lens", &self.host_lens)
+            .finish()
+    }
+}
+
+impl SparqCache {
+    /// Empty cache (all lengths 0). Buffers STORAGE | COPY_SRC | COPY_DST.
+    pub fn new(backend: &WgpuBackend, shape: SparqCacheShape, dtype: DType) -> Result<Self> {
+        shape.validate()?;
+        let limits = backend.limits();
+        let kv_len = shape.kv_len();
+        // Element indices stay below 2^31, so index arithmetic in the kernels never wraps.
+        ensure(kv_len <= i32::MAX as usize, "capacity", || {
+            format!("{kv_len} elements per K/V copy exceed the kernels' 32-bit indices")
+        })?;
+        let kv_bytes = (kv_len * dtype.size()).next_multiple_of(4) as u64;
+        let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        ensure(kv_bytes <= max, "capacity", || {
+            format!("a K/V copy of {kv_bytes} bytes exceeds this device's largest storage binding ({max} bytes)")
+        })?;
+        let device = backend.device();
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        // New buffers are zeroed: lengths 0, mean 0.
+        let buffer = |label: &str, size: u64| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(4),
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(SparqCache {
+            shape,
+            dtype,
+            k: buffer("sparq k", kv_bytes),
+            kt: buffer("sparq kt", kv_bytes),
+            v: buffer("sparq v", kv_bytes),
+            mean: buffer("sparq mean", 4 * shape.mean_len() as u64),
+            lens: buffer("sparq lens", 4 * shape.batch as u64),
+            host_lens: vec![0; shape.batch],
+        })
+    }
+
+    pub fn shape(&self) -> &SparqCacheShape {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Host copy of the lengths (the cache is their only writer, so it is exact).
+    pub fn seq_lens(&self) -> &[u32] {
+        &self.host_lens
+    }
+
+    /// Buffers, for tests that read the cache back: (k, kt, v, mean, lens).
+    pub fn buffers(&self) -> [&wgpu::Buffer; 5] {
+        [&self.k, &self.kt, &self.v, &self.mean, &self.lens]
+    }
+
+    fn owns(&self, buffer: &wgpu::Buffer) -> bool {
+        self.buffers().contains(&buffer)
+    }
+
+    fn base_params(&self) -> Params {
+        let s = &self.shape;
+        Params {
+            batch: s.batch as u32,
+            kv_heads: s.kv_heads as u32,
+            head_dim: s.head_dim as u32,
+            capacity: s.capacity as u32,
+            ..Params::default()
+        }
+    }
+
+    /// Bulk fill from an engine's K/V: `k[b, g, j, :]` at
+    /// `k.offset + b*k_strides[0] + g*k_strides[1] + j*k_strides[2]` (elements of
+    /// the cache's dtype), same for `v`; sets the lengths to `seq_lens` and rewrites K, K^T, V for `j < len` and
+    /// the mean of V (f32, over the `len` rows; 0 for `len` 0). Recorded into
+    /// `encoder`: the lengths reach the device through a small buffer copied
+    /// inside the encoder, so ordering with other recorded work holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill(
+        &mut self,
+        backend: &WgpuBackend,
+        encoder: &mut wgpu::CommandEncoder,
+        k: WgpuTensor<'_>,
+        k_strides: [usize; 3],
+        v: WgpuTensor<'_>,
+        v_strides: [usize; 3],
+        seq_lens: &[u32],
+    ) -> Result<()> {
+        let limits = backend.limits();
+        let es = self.dtype.size() as u64;
+        let k_len = k.checked_len("k", es, limits)?;
+        let v_len = v.checked_len("v", es, limits)?;
+        let s = self.shape;
+        validate_fill(&s, (k_len, k_strides), (v_len, v_strides), seq_lens)?;
+        ensure(!self.owns(k.buffer), "k", || "is one of the cache's own buffers".into())?;
+        ensure(!self.owns(v.buffer), "v", || "is one of the cache's own buffers".into())?;
+        let longest = seq_lens.iter().copied().max().unwrap_or(0) as usize;
+        let extent = |st: &[usize; 3]| {
+            crate::decode::extent(&[(s.batch, st[0]), (s.kv_heads, st[1]), (longest.max(1), st[2])], s.head_dim)
+        };
+        let mut pk = self.base_params();
+        pk.src_off = u32_of(k.offset as usize, "k")?;
+        u32_of(k.offset as usize + extent(&k_strides), "k")?;
+        pk.src_sb = u32_of(k_strides[0], "k_strides")?;
+        pk.src_sh = u32_of(k_strides[1], "k_strides")?;
+        pk.src_ss = u32_of(k_strides[2], "k_strides")?;
+        let mut pv = self.base_params();
+        pv.src_off = u32_of(v.offset as usize, "v")?;
+        u32_of(v.offset as usize + extent(&v_strides), "v")?;
+        pv.src_sb = u32_of(v_strides[0], "v_strides")?;
+        pv.src_sh = u32_of(v_strides[1], "v_strides")?;
+        pv.src_ss = u32_of(v_strides[2], "v_strides")?;
+
+        let max_dim = limits.max_compute_workgroups_per_dimension as usize;
+        let d = s.head_dim;
+        // Grid-stride loops: enough workgroups for the longest sequence, at most the device's limit.
+        let per_block = |words: usize| words.div_ceil(WG).clamp(1, max_dim) as u32;
+        let row_words = if self.dtype == DType::F32 { longest * d } else { (longest * d).div_ceil(2) + 1 };
+        let t_words = d * if self.dtype == DType::F32 { longest } else { (longest + 3) / 2 };
+
+        let rows = backend.pipeline(FILE, SOURCE, "sparq_fill_rows", self.dtype)?;
+        let trans = backend.pipeline(FILE, SOURCE, "sparq_fill_t", self.dtype)?;
+        let mean = backend.pipeline(FILE, SOURCE, "sparq_fill_mean", self.dtype)?;
+        let uk = backend.uniform(&pk);
+        let uv = backend.uniform(&pv);
+        let bg_k = bind_group(
+            backend,
+            &rows,
+            "sparq_fill_rows",
+            &[entry(0, &uk), entry(6, &self.lens), entry(9, k.buffer), entry(11, &self.k)],
+        );
+        let bg_v = bind_group(
+            backend,
+            &rows,
+            "sparq_fill_rows",
+            &[entry(0, &uv), entry(6, &self.lens), entry(9, v.buffer), entry(11, &self.v)],
+        );
+        let bg_t = bind_group(
+            backend,
+            &trans,
+            "sparq_fill_t",
+            &[entry(0, &uk), entry(6, &self.lens), entry(9, k.buffer), entry(11, &self.kt)],
+        );
+        let bg_m = bind_group(
+            backend,
+            &mean,
+            "sparq_fill_mean",
+            &[entry(0, &uv), entry(6, &self.lens), entry(9, v.buffer), entry(12, &self.mean)],
+        );
+
+        let staged = backend.upload(bytemuck::cast_slice(seq_lens));
+        encoder.copy_buffer_to_buffer(&staged, 0, &self.lens, 0, 4 * s.batch as u64);
+        let mut pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq_fill"), timestamp_writes: None });
+        let (y, z) = (s.kv_heads as u32, s.batch as u32);
+        if longest > 0 {
+            pass.set_pipeline(&rows);
+            pass.set_bind_group(0, &bg_k, &[]);
+            pass.dispatch_workgroups(per_block(row_words), y, z);
+            pass.set_bind_group(0, &bg_v, &[]);
+            pass.dispatch_workgroups(per_block(row_words), y, z);
+            pass.set_pipeline(&trans);
+            pass.set_bind_group(0, &bg_t, &[]);
+            pass.dispatch_workgroups(per_block(t_words), y, z);
+        }
+        pass.set_pipeline(&mean);
+        pass.set_bind_group(0, &bg_m, &[]);
+        pass.dispatch_workgroups(d.div_ceil(FILL_DIMS) as u32, y, z);
+        drop(pass);
+        self.host_lens = seq_lens.to_vec();
+        Ok(())
+    }
+
+    /// Appends one token to every sequence: `k_new` / `v_new` are `[batch,
+    /// kv_heads, head_dim]` contiguous; writes position `len[b]` of K, K^T, V,
+    /// updates the running mean (`mean += (v - mean) / (len + 1)`) and increments
+    /// the device lengths (one workgroup per sequence, in the same launch) and the
+    /// host copy. `Err` (arg `cache`) if any sequence is full.
+    pub fn append(
+        &mut self,
+        backend: &WgpuBackend,
+        encoder: &mut wgpu::CommandEncoder,
+        k_new: WgpuTensor<'_>,
+        v_new: WgpuTensor<'_>,
+    ) -> Result<()> {
+        let limits = backend.limits();
+        let es = self.dtype.size() as u64;
+        let k_len = k_new.checked_len("k_new", es, limits)?;
+        let v_len = v_new.checked_len("v_new", es, limits)?;
+        validate_append(&self.shape, &self.host_lens, k_len, v_len)?;
+        ensure(!self.owns(k_new.buffer), "k_new", || "is one of the cache's own buffers".into())?;
+        ensure(!self.owns(v_new.buffer), "v_new", || "is one of the cache's own buffers".into())?;
+        let need = self.shape.mean_len();
+        let mut p = self.base_params();
+        p.src_off = u32_of(k_new.offset as usize, "k_new")?;
+        p.src2_off = u32_of(v_new.offset as usize, "v_new")?;
+        u32_of(k_new.offset as usize + need, "k_new")?;
+        u32_of(v_new.offset as usize + need, "v_new")?;
+        let pipeline = backend.pipeline(FILE, SOURCE, "sparq_append", self.dtype)?;
+        let uniform = backend.uniform(&p);
+        let bg = bind_group(
+            backend,
+            &pipeline,
+            "sparq_append",
+            &[
+                entry(0, &uniform),
+                entry(9, k_new.buffer),
+                entry(10, v_new.buffer),
+                entry(12, &self.mean),
+                entry(13, &self.lens),
+                entry(14, &self.k),
+                entry(15, &self.kt),
+                entry(16, &self.v),
+            ],
+        );
+        let mut pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq_append"), timestamp_writes: None });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(self.shape.batch as u32, 1, 1);
+        drop(pass);
+        for l in &mut self.host_lens {
+            *l += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One SparQ decode step recorded into `encoder`: `q` `[batch, q_heads,
+/// head_dim]` with `params.q_strides` at `q.offset`, `out` (the cache's dtype)
+/// with `params.o_strides`. Nothing is submitted or waited for; `workspace`
+/// must stay untouched until the work has run.
+pub fn sparq(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &SparqParams,
+    cache: &SparqCache,
+    q: WgpuTensor<'_>,
+    out: WgpuTensor<'_>,
+    workspace: &WgpuWorkspace,
+) -> Result<()> {
+    let limits = backend.limits();
+    let dtype = cache.dtype;
+    let es = dtype.size() as u64;
+    let q_len = q.checked_len("q", es, limits)?;
+    let o_len = out.checked_len("out", es, limits)?;
+    params.validate_buffers(q_len, o_len, workspace.bytes())?;
+    ensure(params.cache == cache.shape, "cache", || {
+        format!("has shape {:?}, the parameters describe {:?}", cache.shape, params.cache)
+    })?;
+    ensure(out.buffer != q.buffer, "out", || "shares its buffer with `q`".into())?;
+    ensure(!cache.owns(out.buffer), "out", || "shares its buffer with the cache".into())?;
+    ensure(out.buffer != workspace.buffer(), "out", || "shares its buffer with the workspace".into())?;
+    ensure(q.buffer != workspace.buffer(), "q", || "shares its buffer with the workspace".into())?;
+    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size, "workspace", || {
+        "exceeds this device's max_storage_buffer_binding_size".into()
+    })?;
+
+    let plan = params.plan();
+    let s = &params.cache;
+    let cfg = &params.config;
+    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
+    let groups_y = s.kv_heads * plan.head_chunks;
+    let select_x = if cfg.gqa == GqaMode::Shared { s.kv_heads } else { params.q_heads };
+    for (what, n) in [
+        ("capacity", plan.score_splits),
+        ("k", plan.gather_splits),
+        ("kv_heads", groups_y),
+        ("q_heads", params.q_heads),
+        ("q_heads", select_x),
+        ("batch", s.batch),
+    ] {
+        ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
+    }
+    u32_of(plan.words, "workspace")?;
+    u32_of(q.offset as usize + params.q_len(), "q")?;
+    u32_of(out.offset as usize + params.o_len(), "out")?;
+
+    let p = Params {
+        q_off: u32_of(q.offset as usize, "q")?,
+        o_off: u32_of(out.offset as usize, "out")?,
+        q_sb: u32_of(params.q_strides[0], "q_strides")?,
+        q_sh: u32_of(params.q_strides[1], "q_strides")?,
+        o_sb: u32_of(params.o_strides[0], "o_strides")?,
+        o_sh: u32_of(params.o_strides[1], "o_strides")?,
+        batch: s.batch as u32,
+        q_heads: params.q_heads as u32,
+        kv_heads: s.kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        capacity: s.capacity as u32,
+        groups: params.groups() as u32,
+        r: cfg.r as u32,
+        k: cfg.k as u32,
+        // Only min(window, k) matters.
+        window: cfg.local_window().min(cfg.k) as u32,
+        realloc: cfg.reallocate_to_mean as u32,
+        gqa_shared: (cfg.gqa == GqaMode::Shared) as u32,
+        score_chunk: plan.score_chunk as u32,
+        score_splits: plan.score_splits as u32,
+        gather_chunk: plan.gather_chunk as u32,
+        gather_splits: plan.gather_splits as u32,
+        k_cap: plan.k_cap as u32,
+        hpb: plan.heads_per_block as u32,
+        head_chunks: plan.head_chunks as u32,
+        logits_off: plan.logits as u32,
+        norm_off: plan.norm as u32,
+        lse_off: plan.lse as u32,
+        keys_off: plan.keys as u32,
+        idx_off: plan.indices as u32,
+        part_off: plan.partials as u32,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        ..Params::default()
+    };
+
+    let uniform = backend.uniform(&p);
+    let scores = backend.pipeline(FILE, SOURCE, "sparq_scores", dtype)?;
+    let select = backend.pipeline(FILE, SOURCE, "sparq_select", dtype)?;
+    let gather = backend.pipeline(FILE, SOURCE, "sparq_gather", dtype)?;
+    let merge = backend.pipeline(FILE, SOURCE, "sparq_merge", dtype)?;
+    let ws = workspace.buffer();
+    let bg_scores = bind_group(
+        backend,
+        &scores,
+        "sparq_scores",
+        &[entry(0, &uniform), entry(1, q.buffer), entry(2, &cache.kt), entry(6, &cache.lens), entry(7, ws)],
+    );
+    let bg_select =
+        bind_group(backend, &select, "sparq_select", &[entry(0, &uniform), entry(6, &cache.lens), entry(7, ws)]);
+    let bg_gather = bind_group(
+        backend,
+        &gather,
+        "sparq_gather",
+        &[
+            entry(0, &uniform),
+            entry(1, q.buffer),
+            entry(3, &cache.k),
+            entry(4, &cache.v),
+            entry(6, &cache.lens),
+            entry(7, ws),
+        ],
+    );
+    let bg_merge = bind_group(
+        backend,
+        &merge,
+        "sparq_merge",
+        &[entry(0, &uniform), entry(5, &cache.mean), entry(6, &cache.lens), entry(7, ws), entry(8, out.buffer)],
+    );
+    let (b, y) = (s.batch as u32, groups_y as u32);
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq"), timestamp_writes: None });
+    pass.set_pipeline(&scores);
+    pass.set_bind_group(0, &bg_scores, &[]);
+    pass.dispatch_workgroups(plan.score_splits as u32, y, b);
+    pass.set_pipeline(&select);
+    pass.set_bind_group(0, &bg_select, &[]);
+    pass.dispatch_workgroups(select_x as u32, b, 1);
+    pass.set_pipeline(&gather);
+    pass.set_bind_group(0, &bg_gather, &[]);
+    pass.dispatch_workgroups(plan.gather_splits as u32, y, b);
+    pass.set_pipeline(&merge);
+    pass.set_bind_group(0, &bg_merge, &[]);
+    pass.dispatch_workgroups(params.q_heads as u32, b, 1);
+    Ok(())
+}
