@@ -331,13 +331,7 @@ pub fn sparq<T: Element>(
     workspace: &mut CudaWorkspace,
 ) -> Result<()> {
     backend.check_stream(stream)?;
-    params.validate_buffers(q.len(), out.len(), workspace.bytes())?;
-    if params.cache != *cache.shape() {
-        return Err(Error::invalid(
-            "cache",
-            format!("has shape {:?}, the params describe {:?}", cache.shape(), params.cache),
-        ));
-    }
+    params.validate_step(cache.shape(), q.len(), out.len(), workspace.bytes())?;
     cache.check_context(stream)?;
     let (s, c, plan) = (&params.cache, &params.config, params.plan());
     if plan.heads_per_block > MAX_HEADS_PER_BLOCK || plan.gather_chunk > MAX_GATHER_CHUNK || plan.score_chunk % 4 != 0 {
@@ -408,7 +402,7 @@ pub fn sparq<T: Element>(
     let select_x = (plan.select_rows / s.batch) as u32;
     let b = s.batch as u32;
     let ws = &ws_ptr;
-    // SAFETY: validate_buffers checked q, out and the workspace against the
+    // SAFETY: validate_step checked q, out and the workspace against the
     // layout; the cache buffers hold `params.cache` (checked equal to their
     // shape); every kernel stays inside those extents (64-bit offsets, lengths
     // read from the cache, which never exceed the capacity); StepParams

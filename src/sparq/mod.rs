@@ -285,9 +285,18 @@ impl SparqParams {
         )
     }
 
-    /// Checks buffer lengths (elements) and the workspace size (bytes).
-    pub(crate) fn validate_buffers(&self, q: usize, o: usize, workspace_bytes: usize) -> Result<()> {
+    /// Checks the cache a step runs on, buffer lengths (elements) and the workspace size (bytes).
+    pub(crate) fn validate_step(
+        &self,
+        cache: &SparqCacheShape,
+        q: usize,
+        o: usize,
+        workspace_bytes: usize,
+    ) -> Result<()> {
         self.validate()?;
+        ensure(*cache == self.cache, "cache", || {
+            format!("has shape {cache:?}, the parameters describe {:?}", self.cache)
+        })?;
         ensure(q >= self.q_len(), "q", || format!("holds {q} elements, the layout needs {}", self.q_len()))?;
         ensure(o >= self.o_len(), "out", || format!("holds {o} elements, the layout needs {}", self.o_len()))?;
         let need = self.workspace_bytes();

@@ -347,10 +347,7 @@ pub fn sparq(
     let es = dtype.size() as u64;
     let q_len = q.checked_len("q", es, limits)?;
     let o_len = out.checked_len("out", es, limits)?;
-    params.validate_buffers(q_len, o_len, workspace.bytes())?;
-    ensure(params.cache == cache.shape, "cache", || {
-        format!("has shape {:?}, the parameters describe {:?}", cache.shape, params.cache)
-    })?;
+    params.validate_step(&cache.shape, q_len, o_len, workspace.bytes())?;
     ensure(out.buffer != q.buffer, "out", || "shares its buffer with `q`".into())?;
     ensure(!cache.owns(out.buffer), "out", || "shares its buffer with the cache".into())?;
     ensure(out.buffer != workspace.buffer(), "out", || "shares its buffer with the workspace".into())?;
