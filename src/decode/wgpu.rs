@@ -1,6 +1,6 @@
 //! WGSL launchers for dense decode (`kernels-wgsl/decode.wgsl`).
 
-use super::{BufferLens, DecodeParams};
+use super::{BufferLens, DecodeParams, HEADS_PER_BLOCK};
 use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
 use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
@@ -37,7 +37,8 @@ struct Params {
     lens_off: u32,
     lse_off: u32,
     scale: f32,
-    pad: [u32; 3],
+    wg_splits: u32,
+    pad: [u32; 2],
 }
 
 /// Records dense decode into `encoder`: `out[b, h, :] = softmax(q K^T * scale) V`
@@ -78,6 +79,15 @@ pub fn decode(
     let s = &params.shape;
     let max_dim = limits.max_compute_workgroups_per_dimension as usize;
     let groups_y = s.kv_heads * plan.head_chunks;
+    // A CPU adapter runs workgroups on a few threads, so each one's fixed cost
+    // (staging q, merging its row lanes) matters more than their number: give
+    // each workgroup several consecutive splits, about 4 workgroups per thread.
+    let wg_splits = if backend.info().device_type == wgpu::DeviceType::Cpu {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (plan.num_splits * groups_y * s.batch / (4 * threads)).clamp(1, plan.num_splits)
+    } else {
+        1
+    };
     for (what, n) in [("capacity", plan.num_splits), ("kv_heads", groups_y), ("q_heads", s.q_heads)] {
         ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
     }
@@ -111,7 +121,8 @@ pub fn decode(
         lens_off: u(off(&seq_lens), "seq_lens")?,
         lse_off: u(params.lse_offset(), "workspace")?,
         scale: params.scale,
-        pad: [0; 3],
+        wg_splits: wg_splits as u32,
+        pad: [0; 2],
     };
     // Offsets plus the layout extents must stay inside 32-bit element indices.
     for (arg, t, len) in [
@@ -123,7 +134,18 @@ pub fn decode(
         u(off(t) + len, arg)?;
     }
     let uniform = backend.uniform(&p);
-    let partial = backend.pipeline(FILE, SOURCE, "decode_partial", dtype)?;
+    // Groups of at most 4 query heads use the variant that keeps one vec4 of
+    // heads; caches whose rows all start 16-byte aligned inside whole 16-byte
+    // words of their buffers use the variant that reads them as such.
+    let four = s.groups().min(HEADS_PER_BLOCK) <= 4;
+    let aligned = aligned16(&k_cache, &l.k, params.k_len(), es) && aligned16(&v_cache, &l.v, params.v_len(), es);
+    let partial_entry = match (four, aligned) {
+        (false, false) => "decode_partial",
+        (true, false) => "decode_partial4",
+        (false, true) => "decode_partial_al",
+        (true, true) => "decode_partial4_al",
+    };
+    let partial = backend.pipeline(FILE, SOURCE, partial_entry, dtype)?;
     let merge = backend.pipeline(FILE, SOURCE, "decode_merge", dtype)?;
     let device = backend.device();
     let partial_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -136,6 +158,9 @@ pub fn decode(
             entry(3, v_cache.buffer),
             entry(4, seq_lens.buffer),
             entry(5, workspace.buffer()),
+            // K and V again, as arrays of 16-byte words.
+            entry(7, k_cache.buffer),
+            entry(8, v_cache.buffer),
         ],
     });
     let merge_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -147,7 +172,7 @@ pub fn decode(
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode"), timestamp_writes: None });
     pass.set_pipeline(&partial);
     pass.set_bind_group(0, &partial_bg, &[]);
-    pass.dispatch_workgroups(plan.num_splits as u32, groups_y as u32, s.batch as u32);
+    pass.dispatch_workgroups(plan.num_splits.div_ceil(wg_splits) as u32, groups_y as u32, s.batch as u32);
     pass.set_pipeline(&merge);
     pass.set_bind_group(0, &merge_bg, &[]);
     pass.dispatch_workgroups(s.q_heads as u32, s.batch as u32, 1);
@@ -156,4 +181,14 @@ pub fn decode(
 
 fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+}
+
+/// True when every row of a cache with strides `st` starts on a 16-byte
+/// boundary and the tensor ends inside the buffer's whole 16-byte words.
+fn aligned16(t: &WgpuTensor<'_>, st: &[usize; 3], len: usize, es: u64) -> bool {
+    let e4 = 16 / es;
+    let end_bytes = (t.offset + len as u64) * es;
+    t.offset.is_multiple_of(e4)
+        && st.iter().all(|&x| (x as u64).is_multiple_of(e4))
+        && end_bytes <= t.buffer.size() / 16 * 16
 }
