@@ -2,6 +2,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod backend;
+pub mod blockwise;
 pub mod decode;
 pub mod dtype;
 pub mod error;
