@@ -226,19 +226,13 @@ pub fn finalize_into<T: Element>(p: &BlockParams, o: &[f32], lse: &[f32], out: &
     need_elems("o", o.len(), s.o_elems())?;
     need_elems("lse", lse.len(), s.lse_elems())?;
     need_elems("out", out.len(), p.o_elems())?;
-    let (d, st) = (s.head_dim, &p.layout.o);
-    for b in 0..s.batch {
-        for h in 0..s.q_heads {
-            for i in 0..s.q_len {
-                let r = (b * s.q_heads + h) * s.q_len + i;
-                let base = b * st[0] + h * st[1] + i * st[2];
-                for x in 0..d {
-                    let val = if lse[r] == f32::NEG_INFINITY { 0.0 } else { o[r * d + x] };
-                    out[base + x] = T::from_f32(val);
-                }
-            }
+    let d = s.head_dim;
+    for_each_row(p, |r, base| {
+        for x in 0..d {
+            let val = if lse[r] == f32::NEG_INFINITY { 0.0 } else { o[r * d + x] };
+            out[base + x] = T::from_f32(val);
         }
-    }
+    });
     Ok(())
 }
 
@@ -249,16 +243,10 @@ pub fn backward_prepass_into<T: Element>(p: &BlockParams, o: &[f32], d_o: &[T], 
     need_elems("o", o.len(), s.o_elems())?;
     need_elems("d_o", d_o.len(), p.o_elems())?;
     need_elems("delta", delta.len(), s.lse_elems())?;
-    let (d, st) = (s.head_dim, &p.layout.o);
-    for b in 0..s.batch {
-        for h in 0..s.q_heads {
-            for i in 0..s.q_len {
-                let r = (b * s.q_heads + h) * s.q_len + i;
-                let base = b * st[0] + h * st[1] + i * st[2];
-                delta[r] = (0..d).map(|x| d_o[base + x].to_f64() * o[r * d + x] as f64).sum::<f64>() as f32;
-            }
-        }
-    }
+    let d = s.head_dim;
+    for_each_row(p, |r, base| {
+        delta[r] = (0..d).map(|x| d_o[base + x].to_f64() * o[r * d + x] as f64).sum::<f64>() as f32;
+    });
     Ok(())
 }
 
@@ -291,6 +279,19 @@ pub fn backward_into<T: Element>(
         }
     }
     Ok(())
+}
+
+/// Calls `f(r, base)` for every query row: `r` its index in `O`/`lse`, `base` the
+/// offset of its first element at `layout.o`.
+fn for_each_row(p: &BlockParams, mut f: impl FnMut(usize, usize)) {
+    let (s, st) = (&p.shape, &p.layout.o);
+    for b in 0..s.batch {
+        for h in 0..s.q_heads {
+            for i in 0..s.q_len {
+                f((b * s.q_heads + h) * s.q_len + i, b * st[0] + h * st[1] + i * st[2]);
+            }
+        }
+    }
 }
 
 fn to_f32(x: &[f64]) -> Vec<f32> {
