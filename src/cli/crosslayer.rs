@@ -93,7 +93,8 @@ impl Technique for CrossLayer {
             Some(w) if ring => ring_rows(w, queries),
             _ => capacity,
         };
-        let shape = AttnShape { batch, queries, q_heads: args.q_heads, kv_heads: args.kv_heads, head_dim: args.head_dim, rows };
+        let shape =
+            AttnShape { batch, queries, q_heads: args.q_heads, kv_heads: args.kv_heads, head_dim: args.head_dim, rows };
         let elems = (batch as u128)
             * (2 * queries as u128 * args.q_heads as u128 + 2 * args.kv_heads as u128 * rows as u128)
             * args.head_dim as u128;

@@ -529,7 +529,8 @@ impl AttnParams {
     pub fn bytes_moved(&self, kv_lens: &[u32], dtype: DType) -> u64 {
         let s = &self.shape;
         let kv: u64 = kv_lens.iter().map(|&n| (n as usize).min(s.rows) as u64).sum();
-        let elems = 2 * kv * (s.kv_heads * s.head_dim) as u64 + 2 * (s.batch * s.queries * s.q_heads * s.head_dim) as u64;
+        let elems =
+            2 * kv * (s.kv_heads * s.head_dim) as u64 + 2 * (s.batch * s.queries * s.q_heads * s.head_dim) as u64;
         elems * dtype.size() as u64
     }
 }
@@ -598,7 +599,9 @@ impl WriteParams {
     pub fn validate(&self) -> Result<()> {
         validate_heads(self.batch, self.kv_heads, self.kv_heads, self.head_dim)?;
         ensure(self.tokens >= 1, "tokens", || "must be at least 1".into())?;
-        ensure(self.rows >= 1 && self.rows <= i32::MAX as usize, "rows", || format!("{} is outside 1..=i32::MAX", self.rows))?;
+        ensure(self.rows >= 1 && self.rows <= i32::MAX as usize, "rows", || {
+            format!("{} is outside 1..=i32::MAX", self.rows)
+        })?;
         if self.ring {
             // Two tokens of one launch must never land on the same row.
             ensure(self.tokens <= self.rows, "tokens", || {

@@ -52,7 +52,14 @@ pub fn attend<T: Element>(
     kv_lens: &[u32],
 ) -> Result<Vec<f64>> {
     let o = p.o_len();
-    p.validate_buffers(AttnBuffers { q: q.len(), k: k.len(), v: v.len(), q_pos: q_pos.len(), kv_lens: kv_lens.len(), o })?;
+    p.validate_buffers(AttnBuffers {
+        q: q.len(),
+        k: k.len(),
+        v: v.len(),
+        q_pos: q_pos.len(),
+        kv_lens: kv_lens.len(),
+        o,
+    })?;
     let f = |x: &[T]| x.iter().map(|e| e.to_f64()).collect::<Vec<f64>>();
     attend_f64(p, &f(q), &f(k), &f(v), q_pos, kv_lens)
 }
@@ -60,7 +67,14 @@ pub fn attend<T: Element>(
 /// [`attend`] on f64 storage (the tiny model's host cache).
 pub fn attend_f64(p: &AttnParams, q: &[f64], k: &[f64], v: &[f64], q_pos: &[u32], kv_lens: &[u32]) -> Result<Vec<f64>> {
     let o = p.o_len();
-    p.validate_buffers(AttnBuffers { q: q.len(), k: k.len(), v: v.len(), q_pos: q_pos.len(), kv_lens: kv_lens.len(), o })?;
+    p.validate_buffers(AttnBuffers {
+        q: q.len(),
+        k: k.len(),
+        v: v.len(),
+        q_pos: q_pos.len(),
+        kv_lens: kv_lens.len(),
+        o,
+    })?;
     let (s, l, d) = (&p.shape, &p.layout, p.shape.head_dim);
     let mut out = vec![0.0f64; s.batch * s.queries * s.q_heads * d];
     for b in 0..s.batch {
@@ -100,7 +114,14 @@ pub fn attend_f64(p: &AttnParams, q: &[f64], k: &[f64], v: &[f64], q_pos: &[u32]
 }
 
 /// The CPU backend's slot write (any element type, f64 included).
-pub fn write<X: Copy>(p: &WriteParams, new_k: &[X], new_v: &[X], start: &[u32], k: &mut [X], v: &mut [X]) -> Result<()> {
+pub fn write<X: Copy>(
+    p: &WriteParams,
+    new_k: &[X],
+    new_v: &[X],
+    start: &[u32],
+    k: &mut [X],
+    v: &mut [X],
+) -> Result<()> {
     p.validate_buffers(new_k.len(), new_v.len(), start.len(), k.len(), v.len())?;
     for b in 0..p.batch {
         for t in 0..p.tokens {
@@ -146,7 +167,14 @@ pub struct SlotSpec {
 
 impl SlotSpec {
     /// `chunk` is the longest prefill chunk the slots must serve.
-    pub fn new(map: &LayerMap, q_heads: usize, kv_heads: usize, head_dim: usize, capacity: usize, chunk: usize) -> Result<Self> {
+    pub fn new(
+        map: &LayerMap,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        chunk: usize,
+    ) -> Result<Self> {
         map.validate()?;
         let slots = map
             .slot_layers()
@@ -161,7 +189,14 @@ impl SlotSpec {
 
     pub fn attn_params(&self, slot: usize, queries: usize, mask: MaskMode, window: Option<usize>) -> AttnParams {
         let (rows, ring) = self.slots[slot];
-        let shape = super::AttnShape { batch: 1, queries, q_heads: self.q_heads, kv_heads: self.kv_heads, head_dim: self.head_dim, rows };
+        let shape = super::AttnShape {
+            batch: 1,
+            queries,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rows,
+        };
         AttnParams::new(shape, mask).with_window(window).with_ring(ring)
     }
 
@@ -192,7 +227,15 @@ impl KvEngine for HostKv {
         write(&p, k, v, &[start as u32], &mut self.k[slot], &mut self.v[slot])
     }
 
-    fn attend(&mut self, slot: usize, q_pos: usize, q: &[f64], kv_len: usize, mask: MaskMode, window: Option<usize>) -> Result<Vec<f64>> {
+    fn attend(
+        &mut self,
+        slot: usize,
+        q_pos: usize,
+        q: &[f64],
+        kv_len: usize,
+        mask: MaskMode,
+        window: Option<usize>,
+    ) -> Result<Vec<f64>> {
         let n = q.len() / (self.spec.q_heads * self.spec.head_dim);
         let p = self.spec.attn_params(slot, n, mask, window);
         attend_f64(&p, q, &self.k[slot], &self.v[slot], &[q_pos as u32], &[kv_len as u32])
@@ -216,7 +259,14 @@ pub struct TinyModel {
 }
 
 impl TinyModel {
-    pub fn random(map: LayerMap, q_heads: usize, kv_heads: usize, head_dim: usize, rope: bool, rng: &mut Rng) -> Result<Self> {
+    pub fn random(
+        map: LayerMap,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rope: bool,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         map.validate()?;
         ensure(q_heads >= 1 && kv_heads >= 1 && q_heads.is_multiple_of(kv_heads), "q_heads", || {
             format!("{q_heads} is not a positive multiple of kv_heads = {kv_heads}")

@@ -109,7 +109,15 @@ pub fn launch_attend(
     let [q, k, v, pos, lens] = bufs;
     let t0 = Instant::now();
     match (backend, q, k, v, pos, lens, &mut *out) {
-        (Backend::Cpu, DevBuf::Cpu(q), DevBuf::Cpu(k), DevBuf::Cpu(v), DevBuf::Cpu(pos), DevBuf::Cpu(lens), DevBuf::Cpu(o)) => {
+        (
+            Backend::Cpu,
+            DevBuf::Cpu(q),
+            DevBuf::Cpu(k),
+            DevBuf::Cpu(v),
+            DevBuf::Cpu(pos),
+            DevBuf::Cpu(lens),
+            DevBuf::Cpu(o),
+        ) => {
             with_dtype!(dtype, T => {
                 for _ in 0..iters.max(1) {
                     reference::attend_into::<T>(params, cpu_view(q), cpu_view(k), cpu_view(v), pos, lens, cpu_view_mut(o))?;
@@ -117,7 +125,15 @@ pub fn launch_attend(
             });
             Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
         }
-        (Backend::Cuda(c), DevBuf::Cuda(q), DevBuf::Cuda(k), DevBuf::Cuda(v), DevBuf::Cuda(pos), DevBuf::Cuda(lens), DevBuf::Cuda(o)) => {
+        (
+            Backend::Cuda(c),
+            DevBuf::Cuda(q),
+            DevBuf::Cuda(k),
+            DevBuf::Cuda(v),
+            DevBuf::Cuda(pos),
+            DevBuf::Cuda(lens),
+            DevBuf::Cuda(o),
+        ) => {
             with_dtype!(dtype, T => {
                 let n = |b: &CudaSlice<u8>| b.len() / std::mem::size_of::<T>();
                 let (nq, nk, nv, no) = (n(q), n(k), n(v), n(o));
@@ -136,7 +152,15 @@ pub fn launch_attend(
                 c.time(iters, || super::cuda::attend::<T>(c, c.stream(), params, &qv, &kv, &vv, &pv, &lv, &mut ov))
             })
         }
-        (Backend::Wgpu(w), DevBuf::Wgpu(q), DevBuf::Wgpu(k), DevBuf::Wgpu(v), DevBuf::Wgpu(pos), DevBuf::Wgpu(lens), DevBuf::Wgpu(o)) => {
+        (
+            Backend::Wgpu(w),
+            DevBuf::Wgpu(q),
+            DevBuf::Wgpu(k),
+            DevBuf::Wgpu(v),
+            DevBuf::Wgpu(pos),
+            DevBuf::Wgpu(lens),
+            DevBuf::Wgpu(o),
+        ) => {
             let _gate = w.exclusive();
             let t = WgpuTensor::new;
             w.time(iters, |enc| super::wgpu::attend(w, enc, params, dtype, t(q), t(k), t(v), t(pos), t(lens), t(o)))
@@ -350,7 +374,9 @@ impl CrossLayerCache {
     /// with `start = lens`.
     pub fn write(&mut self, slot: usize, start: &[u32], new_k: &HostData, new_v: &HostData) -> Result<()> {
         ensure(slot < self.spec.slots.len(), "slot", || format!("{slot} >= {} slots", self.spec.slots.len()))?;
-        ensure(start.len() == self.batch, "start", || format!("{} positions for {} sequences", start.len(), self.batch))?;
+        ensure(start.len() == self.batch, "start", || {
+            format!("{} positions for {} sequences", start.len(), self.batch)
+        })?;
         ensure(new_k.dtype() == self.dtype && new_v.dtype() == self.dtype, "new_k", || {
             format!("must be {} like the cache", self.dtype)
         })?;
@@ -367,7 +393,8 @@ impl CrossLayerCache {
             })?;
         }
         let b = &self.backend;
-        let (nk, nv, st) = (upload(b, new_k.as_bytes())?, upload(b, new_v.as_bytes())?, upload(b, bytemuck::cast_slice(start))?);
+        let (nk, nv, st) =
+            (upload(b, new_k.as_bytes())?, upload(b, new_v.as_bytes())?, upload(b, bytemuck::cast_slice(start))?);
         launch_write(b, &p, self.dtype, [&nk, &nv, &st], &mut self.k[slot], &mut self.v[slot])?;
         for (len, &s) in self.lens[slot].iter_mut().zip(start) {
             *len = (*len).max(s + tokens as u32);
@@ -388,7 +415,9 @@ impl CrossLayerCache {
     ) -> Result<Vec<f64>> {
         ensure(slot < self.spec.slots.len(), "slot", || format!("{slot} >= {} slots", self.spec.slots.len()))?;
         let row = self.batch * self.spec.q_heads * self.spec.head_dim;
-        ensure(!q.is_empty() && q.len().is_multiple_of(row), "q", || format!("{} elements is not [B, T, H_q, D]", q.len()))?;
+        ensure(!q.is_empty() && q.len().is_multiple_of(row), "q", || {
+            format!("{} elements is not [B, T, H_q, D]", q.len())
+        })?;
         let (rows, ring) = self.spec.slots[slot];
         let shape = super::AttnShape {
             batch: self.batch,
@@ -402,7 +431,11 @@ impl CrossLayerCache {
         let b = &self.backend;
         let out_host = HostData::poisoned(self.dtype, p.o_len());
         let mut out = upload(b, out_host.as_bytes())?;
-        let (qb, pb, lb) = (upload(b, q.as_bytes())?, upload(b, bytemuck::cast_slice(q_pos))?, upload(b, bytemuck::cast_slice(kv_lens))?);
+        let (qb, pb, lb) = (
+            upload(b, q.as_bytes())?,
+            upload(b, bytemuck::cast_slice(q_pos))?,
+            upload(b, bytemuck::cast_slice(kv_lens))?,
+        );
         launch_attend(b, &p, self.dtype, [&qb, &self.k[slot], &self.v[slot], &pb, &lb], &mut out, 1)?;
         let bytes = download(b, &out, p.o_len() * self.dtype.size())?;
         Ok(HostData::from_bytes(self.dtype, &bytes).to_f64())
@@ -417,7 +450,15 @@ impl KvEngine for CrossLayerCache {
         CrossLayerCache::write(self, slot, &vec![start as u32; self.batch], &nk, &nv)
     }
 
-    fn attend(&mut self, slot: usize, q_pos: usize, q: &[f64], kv_len: usize, mask: MaskMode, window: Option<usize>) -> Result<Vec<f64>> {
+    fn attend(
+        &mut self,
+        slot: usize,
+        q_pos: usize,
+        q: &[f64],
+        kv_len: usize,
+        mask: MaskMode,
+        window: Option<usize>,
+    ) -> Result<Vec<f64>> {
         let qh = HostData::from_f32(self.dtype, &q.iter().map(|&e| e as f32).collect::<Vec<_>>());
         let n = self.batch;
         CrossLayerCache::attend(self, slot, &qh, &vec![q_pos as u32; n], &vec![kv_len as u32; n], mask, window)
