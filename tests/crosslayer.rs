@@ -174,6 +174,40 @@ fn strict_equals_shifted_causal(backend: &Backend) {
     assert!(err <= 1e-6, "{backend:?}: {err:e}");
 }
 
+/// The window convention: keys `i - w < j <= i` (causal), `i - w < j < i` (strict).
+#[test]
+fn window_convention() {
+    use frugal_attn::crosslayer::reference::visible;
+    let s = shape(1, 1, 1, 1, 8, 100);
+    let keys = |mask, w: usize, i: u64, len: u64| -> Vec<u64> {
+        let p = AttnParams::new(s, mask).with_window(Some(w));
+        (0..len).filter(|&j| visible(&p, i, j, len)).collect()
+    };
+    assert_eq!(keys(MaskMode::Causal, 3, 5, 50), vec![3, 4, 5]);
+    assert_eq!(keys(MaskMode::Strict, 3, 5, 50), vec![3, 4]);
+    assert_eq!(keys(MaskMode::Causal, 3, 1, 50), vec![0, 1]);
+    // Decode of an upward layer at position i = kv_len: the window's newest key is i - 1.
+    assert_eq!(keys(MaskMode::Full, 3, 7, 7), vec![5, 6]);
+    // A ring slot of 4 rows holding positions 0..10 still has 6..10 only.
+    let ring = AttnParams::new(shape(1, 1, 1, 1, 8, 4), MaskMode::Causal).with_window(Some(4)).with_ring(true);
+    assert_eq!((0..10).filter(|&j| visible(&ring, 9, j, 10)).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+}
+
+/// Window 1 under the causal mask attends exactly the query's own position: the output is that V row.
+fn window_one_is_own_value(backend: &Backend) {
+    let (n, d) = (9, 64);
+    let p = AttnParams::new(shape(1, n, 2, 1, d, n), MaskMode::Causal).with_window(Some(1));
+    let x = AttnInputs::random(&p, DType::F32, vec![0], vec![n as u32], &mut Rng::new(77));
+    let got = run(backend, &p, &x).unwrap();
+    let v = x.v.to_f64();
+    for t in 0..n {
+        for h in 0..2 {
+            let row = &got[(t * 2 + h) * d..][..d];
+            assert!(rel_l2(row, &v[t * d..][..d]) <= 1e-6, "{backend:?} t={t}");
+        }
+    }
+}
+
 /// Padded, token-major strides.
 fn strided_layouts(backend: &Backend) {
     let s = shape(2, 3, 6, 3, 64, 50);
@@ -387,6 +421,7 @@ backend_tests!(
     empty_rows_and_bad_lengths,
     strict_equals_shifted_causal,
     strided_layouts,
+    window_one_is_own_value,
     cache_write_and_device_bytes,
     tiny_model_on_backend,
     bad_input,

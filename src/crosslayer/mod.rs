@@ -84,6 +84,8 @@ impl fmt::Display for LayerMapError {
     }
 }
 
+impl std::error::Error for LayerMapError {}
+
 impl From<LayerMapError> for Error {
     fn from(e: LayerMapError) -> Self {
         Error::invalid("layer_types", e.to_string())

@@ -123,9 +123,9 @@ pub fn write<X: Copy>(
     v: &mut [X],
 ) -> Result<()> {
     p.validate_buffers(new_k.len(), new_v.len(), start.len(), k.len(), v.len())?;
-    for b in 0..p.batch {
+    for (b, &first) in start.iter().enumerate().take(p.batch) {
         for t in 0..p.tokens {
-            let Some(r) = p.row_of(start[b] as u64 + t as u64) else { continue };
+            let Some(r) = p.row_of(first as u64 + t as u64) else { continue };
             for g in 0..p.kv_heads {
                 let src = b * p.new[0] + t * p.new[1] + g * p.new[2];
                 let dst = b * p.slot[0] + g * p.slot[1] + r * p.slot[2];
