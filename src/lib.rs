@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod blockwise;
+pub mod crosslayer;
 pub mod decode;
 pub mod dtype;
 pub mod error;

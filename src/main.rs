@@ -28,6 +28,8 @@ enum Command {
     Bench(cli::BenchArgs),
     /// Lists each backend with its device, or why it is unavailable.
     Devices,
+    /// KV-cache bytes per token of a cross-layer map against the standard cache.
+    KvMemory(cli::crosslayer::KvMemoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::Report => cli::report(),
         Command::Check(args) => cli::check(&args),
         Command::Bench(args) => cli::bench(&args),
+        Command::KvMemory(args) => cli::crosslayer::kv_memory(&args),
         Command::Devices => {
             cli::devices();
             Ok(true)

@@ -2,6 +2,7 @@
 //! [`TECHNIQUES`]: it names the case the report runs and builds a [`Case`]
 //! from the shared shape flags; the commands only ever talk to the traits.
 
+pub mod crosslayer;
 mod decode;
 mod sparq;
 mod table;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk];
+pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk, &crosslayer::CrossLayer];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -77,6 +78,8 @@ pub struct CaseArgs {
     /// SparQ: no reallocation to the mean value (out = y)
     #[arg(long)]
     pub no_mean: bool,
+    #[command(flatten)]
+    pub crosslayer: crosslayer::CrossLayerArgs,
 }
 
 impl Default for CaseArgs {
@@ -97,6 +100,7 @@ impl Default for CaseArgs {
             local_window: None,
             gqa: GqaMode::Shared,
             no_mean: false,
+            crosslayer: Default::default(),
         }
     }
 }

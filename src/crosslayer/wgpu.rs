@@ -1,0 +1,231 @@
+//! WGSL launchers for cross-layer attention and slot writes (`kernels-wgsl/crosslayer.wgsl`).
+
+use super::{AttnBuffers, AttnParams, WriteParams};
+use crate::backend::wgpu::{WgpuBackend, WgpuTensor};
+use crate::dtype::DType;
+use crate::error::{ensure, Error, Result};
+
+const FILE: &str = "crosslayer.wgsl";
+const SOURCE: &str = include_str!("../../kernels-wgsl/crosslayer.wgsl");
+
+/// Mirrors `struct AttnParams` of crosslayer.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct KernelAttn {
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    pos_off: u32,
+    lens_off: u32,
+    q: [u32; 3],
+    k: [u32; 3],
+    v: [u32; 3],
+    o: [u32; 3],
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    rows: u32,
+    mask: u32,
+    window: u32,
+    ring: u32,
+    scale: f32,
+    pad: [u32; 2],
+}
+
+/// Mirrors `struct WriteParams` of crosslayer.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct KernelWrite {
+    new_k_off: u32,
+    new_v_off: u32,
+    k_off: u32,
+    v_off: u32,
+    start_off: u32,
+    new: [u32; 3],
+    slot: [u32; 3],
+    tokens: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    rows: u32,
+    ring: u32,
+}
+
+fn u32_of(x: usize, arg: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
+}
+
+fn u32s(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
+    Ok([u32_of(st[0], arg)?, u32_of(st[1], arg)?, u32_of(st[2], arg)?])
+}
+
+fn max_dim_check(backend: &WgpuBackend, dims: &[(&str, usize)]) -> Result<()> {
+    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
+    for &(what, n) in dims {
+        ensure(n <= max, what, || format!("needs {n} workgroups along one axis, the device allows {max}"))?;
+    }
+    Ok(())
+}
+
+/// Records attention of `queries` tokens per sequence over one slot into
+/// `encoder` (module docs of [`super`] for positions, masks and the ring).
+/// `q_pos` and `kv_lens` hold one `u32` per sequence. Nothing is submitted.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &AttnParams,
+    dtype: DType,
+    q: WgpuTensor<'_>,
+    k_slot: WgpuTensor<'_>,
+    v_slot: WgpuTensor<'_>,
+    q_pos: WgpuTensor<'_>,
+    kv_lens: WgpuTensor<'_>,
+    out: WgpuTensor<'_>,
+) -> Result<()> {
+    let (limits, es) = (backend.limits(), dtype.size() as u64);
+    params.validate_buffers(AttnBuffers {
+        q: q.checked_len("q", es, limits)?,
+        k: k_slot.checked_len("k_slot", es, limits)?,
+        v: v_slot.checked_len("v_slot", es, limits)?,
+        q_pos: q_pos.checked_len("q_pos", 4, limits)?,
+        kv_lens: kv_lens.checked_len("kv_lens", 4, limits)?,
+        o: out.checked_len("out", es, limits)?,
+    })?;
+    for (arg, t) in [("q", &q), ("k_slot", &k_slot), ("v_slot", &v_slot), ("q_pos", &q_pos), ("kv_lens", &kv_lens)] {
+        ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
+    }
+    let s = &params.shape;
+    max_dim_check(backend, &[("queries", s.queries), ("q_heads", s.q_heads), ("batch", s.batch)])?;
+    for (arg, t, len) in [
+        ("q", &q, params.q_len()),
+        ("k_slot", &k_slot, params.k_len()),
+        ("v_slot", &v_slot, params.v_len()),
+        ("out", &out, params.o_len()),
+    ] {
+        u32_of(t.offset as usize + len, arg)?;
+    }
+    let l = &params.layout;
+    let off = |t: &WgpuTensor<'_>, arg: &str| u32_of(t.offset as usize, arg);
+    let p = KernelAttn {
+        q_off: off(&q, "q")?,
+        k_off: off(&k_slot, "k_slot")?,
+        v_off: off(&v_slot, "v_slot")?,
+        o_off: off(&out, "out")?,
+        pos_off: off(&q_pos, "q_pos")?,
+        lens_off: off(&kv_lens, "kv_lens")?,
+        q: u32s(&l.q, "q_strides")?,
+        k: u32s(&l.k, "k_strides")?,
+        v: u32s(&l.v, "v_strides")?,
+        o: u32s(&l.o, "o_strides")?,
+        q_heads: s.q_heads as u32,
+        kv_heads: s.kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        rows: s.rows as u32,
+        mask: params.mask.code(),
+        window: params.window.unwrap_or(0) as u32,
+        ring: params.ring as u32,
+        scale: params.scale,
+        pad: [0; 2],
+    };
+    let uniform = backend.uniform(&p);
+    let pipeline = backend.pipeline(FILE, SOURCE, "xl_attend", dtype)?;
+    let bg = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("xl_attend"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            entry(0, &uniform),
+            entry(1, q.buffer),
+            entry(2, k_slot.buffer),
+            entry(3, v_slot.buffer),
+            entry(4, q_pos.buffer),
+            entry(5, kv_lens.buffer),
+            entry(6, out.buffer),
+        ],
+    });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("xl_attend"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(s.queries as u32, s.q_heads as u32, s.batch as u32);
+    Ok(())
+}
+
+/// Records the write of `tokens` new K/V rows per sequence into a slot
+/// ([`WriteParams`]); `start` holds one `u32` position per sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &WriteParams,
+    dtype: DType,
+    new_k: WgpuTensor<'_>,
+    new_v: WgpuTensor<'_>,
+    start: WgpuTensor<'_>,
+    k_slot: WgpuTensor<'_>,
+    v_slot: WgpuTensor<'_>,
+) -> Result<()> {
+    let (limits, es) = (backend.limits(), dtype.size() as u64);
+    params.validate_buffers(
+        new_k.checked_len("new_k", es, limits)?,
+        new_v.checked_len("new_v", es, limits)?,
+        start.checked_len("start", 4, limits)?,
+        k_slot.checked_len("k_slot", es, limits)?,
+        v_slot.checked_len("v_slot", es, limits)?,
+    )?;
+    ensure(k_slot.buffer != v_slot.buffer, "v_slot", || "shares its buffer with `k_slot`".into())?;
+    for slot in [&k_slot, &v_slot] {
+        for (arg, t) in [("new_k", &new_k), ("new_v", &new_v), ("start", &start)] {
+            ensure(t.buffer != slot.buffer, arg, || "shares its buffer with a slot".into())?;
+        }
+    }
+    let rows_x = params.tokens * params.kv_heads;
+    max_dim_check(backend, &[("tokens", rows_x), ("batch", params.batch)])?;
+    for (arg, t, len) in [
+        ("new_k", &new_k, params.new_len()),
+        ("new_v", &new_v, params.new_len()),
+        ("k_slot", &k_slot, params.slot_len()),
+        ("v_slot", &v_slot, params.slot_len()),
+    ] {
+        u32_of(t.offset as usize + len, arg)?;
+    }
+    let off = |t: &WgpuTensor<'_>, arg: &str| u32_of(t.offset as usize, arg);
+    let p = KernelWrite {
+        new_k_off: off(&new_k, "new_k")?,
+        new_v_off: off(&new_v, "new_v")?,
+        k_off: off(&k_slot, "k_slot")?,
+        v_off: off(&v_slot, "v_slot")?,
+        start_off: off(&start, "start")?,
+        new: u32s(&params.new, "new_strides")?,
+        slot: u32s(&params.slot, "slot_strides")?,
+        tokens: params.tokens as u32,
+        kv_heads: params.kv_heads as u32,
+        head_dim: params.head_dim as u32,
+        rows: params.rows as u32,
+        ring: params.ring as u32,
+    };
+    let uniform = backend.uniform(&p);
+    let pipeline = backend.pipeline(FILE, SOURCE, "xl_write", dtype)?;
+    let bg = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("xl_write"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            entry(10, &uniform),
+            entry(11, new_k.buffer),
+            entry(12, new_v.buffer),
+            entry(13, start.buffer),
+            entry(14, k_slot.buffer),
+            entry(15, v_slot.buffer),
+        ],
+    });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("xl_write"), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(rows_x as u32, params.batch as u32, 1);
+    Ok(())
+}
+
+fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+}
