@@ -28,6 +28,9 @@ enum Command {
     Bench(cli::BenchArgs),
     /// Lists each backend with its device, or why it is unavailable.
     Devices,
+    /// SmolLM2-135M perplexity and top-1 agreement with this crate's attention
+    /// (needs `--features eval`); the last line is the method's table row.
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Report => cli::report(),
         Command::Check(args) => cli::check(&args),
         Command::Bench(args) => cli::bench(&args),
+        Command::Eval(args) => cli::eval::eval(&args),
         Command::Devices => {
             cli::devices();
             Ok(true)

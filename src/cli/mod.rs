@@ -3,6 +3,7 @@
 //! from the shared shape flags; the commands only ever talk to the traits.
 
 mod decode;
+pub mod eval;
 mod sparq;
 mod table;
 mod topk;
