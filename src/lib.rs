@@ -7,6 +7,8 @@ pub mod crosslayer;
 pub mod decode;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "eval")]
+pub mod eval;
 pub mod host;
 pub mod sparq;
 pub mod topk;

@@ -30,6 +30,9 @@ enum Command {
     Devices,
     /// KV-cache bytes per token of a cross-layer map against the standard cache.
     KvMemory(cli::crosslayer::KvMemoryArgs),
+    /// SmolLM2-135M perplexity and top-1 agreement with this crate's attention
+    /// (needs `--features eval`); the last line is the method's table row.
+    Eval(cli::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cli::check(&args),
         Command::Bench(args) => cli::bench(&args),
         Command::KvMemory(args) => cli::crosslayer::kv_memory(&args),
+        Command::Eval(args) => cli::eval::eval(&args),
         Command::Devices => {
             cli::devices();
             Ok(true)

@@ -4,6 +4,7 @@
 
 pub mod crosslayer;
 mod decode;
+pub mod eval;
 mod sparq;
 mod table;
 mod topk;

@@ -1,0 +1,123 @@
+//! `frugal-attn eval`: SmolLM2-135M perplexity and top-1 agreement with dense
+//! attention, with this crate's attention in every layer (feature `eval`).
+
+use clap::{Args, ValueEnum};
+use frugal_attn::sparq::GqaMode;
+use frugal_attn::Result;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalMethod {
+    Dense,
+    Sparq,
+    Window,
+    H2o,
+    /// dense, then SparQ, window and H2O at 1/2, 1/4 and 1/8 of dense traffic
+    All,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// The GGUF file [default: the model cache that scripts/fetch_smollm2.sh fills]
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The text to score
+    #[arg(long, default_value = "data/alice-ch1-2.txt")]
+    pub text: PathBuf,
+    #[arg(long, value_enum, default_value_t = EvalMethod::Sparq)]
+    pub method: EvalMethod,
+    /// SparQ: query components for the approximate scores (with --k: fixed at every position)
+    #[arg(long, requires = "k", conflicts_with = "fraction")]
+    pub r: Option<usize>,
+    /// SparQ: positions attended exactly (with --r)
+    #[arg(long, requires = "r")]
+    pub k: Option<usize>,
+    /// Fraction of dense KV traffic at every position: SparQ r = F*D, k = (F - r/2D)*len;
+    /// the baselines keep F*len positions
+    #[arg(long, default_value_t = 0.125)]
+    pub fraction: f64,
+    /// Tokens of the text to use (from its start)
+    #[arg(long, default_value_t = 2048)]
+    pub context: usize,
+    /// SparQ: GQA selection mode, shared or per-head
+    #[arg(long, default_value_t = GqaMode::Shared)]
+    pub gqa: GqaMode,
+    /// SparQ: local window as a fraction of k [default: the crate's k/4]
+    #[arg(long)]
+    pub local_fraction: Option<f64>,
+    /// SparQ: no reallocation to the mean value (out = y)
+    #[arg(long)]
+    pub no_mean: bool,
+}
+
+#[cfg(not(feature = "eval"))]
+pub fn eval(_: &EvalArgs) -> Result<bool> {
+    eprintln!("`eval` needs the model runtime: rebuild with `--features eval`, e.g.");
+    eprintln!("  cargo run --release --features eval -- eval --method all");
+    Ok(false)
+}
+
+#[cfg(feature = "eval")]
+pub fn eval(a: &EvalArgs) -> Result<bool> {
+    use frugal_attn::eval::attention::{SparqBudget, SparqKnobs};
+    use frugal_attn::eval::{self, Method, Model};
+    use frugal_attn::Error;
+    use std::io::IsTerminal;
+
+    let path = a.model.clone().unwrap_or_else(eval::default_model_path);
+    if !path.is_file() {
+        eprintln!("no model at {}: {}", path.display(), eval::HOW_TO_GET);
+        return Ok(false);
+    }
+    let text =
+        std::fs::read_to_string(&a.text).map_err(|e| Error::invalid("text", format!("{}: {e}", a.text.display())))?;
+    let model = Model::load(&path)?;
+    let tok = eval::tokenizer::from_gguf(&model.content)?;
+    let mut ids = eval::tokenizer::encode(&tok, &text)?;
+    if ids.len() < a.context {
+        eprintln!("note: the text has {} tokens, fewer than --context {}", ids.len(), a.context);
+    }
+    ids.truncate(a.context);
+    let knobs = SparqKnobs { gqa: a.gqa, local_fraction: a.local_fraction, reallocate_to_mean: !a.no_mean };
+    let sparq_budget = |f: f64| match (a.r, a.k) {
+        (Some(r), Some(k)) => SparqBudget::Fixed { r, k },
+        _ => SparqBudget::Fraction(f),
+    };
+    let methods: Vec<Method> = match a.method {
+        EvalMethod::Dense => vec![],
+        EvalMethod::Sparq => vec![Method::Sparq(sparq_budget(a.fraction), knobs)],
+        EvalMethod::Window => vec![Method::Window(a.fraction)],
+        EvalMethod::H2o => vec![Method::H2o(a.fraction)],
+        EvalMethod::All => [0.5, 0.25, 0.125]
+            .into_iter()
+            .flat_map(|f| [Method::Sparq(sparq_budget(f), knobs), Method::Window(f), Method::H2o(f)])
+            .collect(),
+    };
+    println!(
+        "SmolLM2-135M, {} tokens of {}, attention on the CPU (f64 reference launchers); \
+         traffic = KV-cache bytes read / dense, over all positions and layers",
+        ids.len(),
+        a.text.display()
+    );
+    let tty = std::io::stderr().is_terminal();
+    let run = |m: Method| {
+        let start = std::time::Instant::now();
+        let e = eval::evaluate(&model, &ids, m, |done, all| {
+            if tty {
+                eprint!("\r{m}: layer {done}/{all}  ");
+            }
+        })?;
+        if tty {
+            eprintln!("\r{m}: {:.1} s          ", start.elapsed().as_secs_f64());
+        }
+        Ok::<_, Error>(e)
+    };
+    let dense = run(Method::Dense)?;
+    println!("{}", eval::table_header());
+    println!("{}", eval::table_row(&dense, &dense));
+    for m in methods {
+        let e = run(m)?;
+        println!("{}", eval::table_row(&e, &dense));
+    }
+    Ok(true)
+}

@@ -1,0 +1,72 @@
+//! SmolLM2-135M with this crate's attention (feature `eval`): the tokenizer
+//! built from the GGUF, dense perplexity in the sane range, SparQ exact when it
+//! keeps everything, and SparQ at 1/2 of dense traffic no worse than measured
+//! (BENCHMARKS.md): a fidelity regression fails. Needs the model
+//! (`scripts/fetch_smollm2.sh`, or `FRUGAL_MODEL=PATH`); skipped without it
+//! unless `FRUGAL_REQUIRE` names `model`.
+#![cfg(feature = "eval")]
+
+use frugal_attn::eval::attention::{SparqBudget, SparqKnobs};
+use frugal_attn::eval::{self, Method, Model};
+use frugal_attn::sparq::GqaMode;
+use std::path::PathBuf;
+
+/// Tokens scored: the attention runs on the f64 reference launchers, whose
+/// cost grows with the square of this; CI's two cores in the dev profile.
+const CONTEXT: usize = 256;
+
+fn model_path() -> Option<PathBuf> {
+    let path = std::env::var_os("FRUGAL_MODEL").map(PathBuf::from).unwrap_or_else(eval::default_model_path);
+    if path.is_file() {
+        return Some(path);
+    }
+    let required =
+        std::env::var("FRUGAL_REQUIRE").is_ok_and(|v| v.split(',').any(|s| s.trim().eq_ignore_ascii_case("model")));
+    assert!(!required, "FRUGAL_REQUIRE names `model` but there is none at {}: {}", path.display(), eval::HOW_TO_GET);
+    eprintln!("skipped: no model at {} ({})", path.display(), eval::HOW_TO_GET);
+    None
+}
+
+fn text() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/alice-ch1-2.txt")).unwrap()
+}
+
+#[test]
+fn smollm2_dense_and_sparq() {
+    let Some(path) = model_path() else { return };
+    let model = Model::load(&path).unwrap();
+    let tok = eval::tokenizer::from_gguf(&model.content).unwrap();
+    let text = text();
+    let mut ids = eval::tokenizer::encode(&tok, &text).unwrap();
+    assert!(ids.len() > 4000, "{} tokens", ids.len());
+    // Byte-level BPE round-trips the text exactly.
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    // Digits are split one by one; the control tokens are special.
+    assert_eq!(eval::tokenizer::encode(&tok, "1865").unwrap().len(), 4);
+    assert_eq!(eval::tokenizer::encode(&tok, "<|im_start|>").unwrap().len(), 1);
+
+    ids.truncate(CONTEXT);
+    let dense = eval::evaluate(&model, &ids, Method::Dense, |_, _| {}).unwrap();
+    let ppl = dense.perplexity();
+    eprintln!("{}\n{}", eval::table_header(), eval::table_row(&dense, &dense));
+    // Measured 27.97 (the opening of a chapter, no BOS); half-rotated RoPE gives ~10x.
+    assert!((15.0..40.0).contains(&ppl), "dense perplexity {ppl}");
+    assert_eq!(dense.traffic.fraction(), 1.0);
+
+    let run = |m: Method| {
+        let e = eval::evaluate(&model, &ids, m, |_, _| {}).unwrap();
+        eprintln!("{}", eval::table_row(&e, &dense));
+        (e.perplexity() / ppl - 1.0, e.agreement(&dense), e.traffic.fraction())
+    };
+    // Every component and every position: exactly dense attention.
+    let (rel, agree, _) = run(Method::sparq(SparqBudget::Fixed { r: model.config.head_dim, k: CONTEXT }));
+    assert!(rel.abs() < 1e-4 && agree > 0.99, "exact SparQ: perplexity {rel:+e}, agreement {agree}");
+    // Half the traffic, shared GQA selection: measured +17.9%, 74.5% agreement.
+    let (rel, agree, frac) = run(Method::sparq(SparqBudget::Fraction(0.5)));
+    assert!((0.45..0.6).contains(&frac), "traffic fraction {frac}");
+    assert!(rel < 0.25 && agree > 0.68, "SparQ 1/2 shared: perplexity {rel:+.3}, agreement {agree}");
+    // Per-head selection: measured +5.5%, 88.6% agreement.
+    let knobs = SparqKnobs { gqa: GqaMode::PerHead, local_fraction: None, reallocate_to_mean: true };
+    let (rel, agree, _) = run(Method::Sparq(SparqBudget::Fraction(0.5), knobs));
+    assert!(rel < 0.09 && agree > 0.84, "SparQ 1/2 per-head: perplexity {rel:+.3}, agreement {agree}");
+}
