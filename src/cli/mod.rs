@@ -2,6 +2,7 @@
 //! [`TECHNIQUES`]: it names the case the report runs and builds a [`Case`]
 //! from the shared shape flags; the commands only ever talk to the traits.
 
+mod blockwise;
 mod decode;
 mod sparq;
 mod table;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk];
+pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk, &blockwise::Blockwise];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -77,6 +78,12 @@ pub struct CaseArgs {
     /// SparQ: no reallocation to the mean value (out = y)
     #[arg(long)]
     pub no_mean: bool,
+    /// Blockwise: the causal mask (the diagonal block, q0 = k0 = 0)
+    #[arg(long)]
+    pub causal: bool,
+    /// Blockwise: check and time the backward (pre-pass + dQ/dK/dV) instead of the forward
+    #[arg(long)]
+    pub backward: bool,
 }
 
 impl Default for CaseArgs {
@@ -97,6 +104,8 @@ impl Default for CaseArgs {
             local_window: None,
             gqa: GqaMode::Shared,
             no_mean: false,
+            causal: false,
+            backward: false,
         }
     }
 }
@@ -186,6 +195,10 @@ pub trait Case {
     /// Largest passing relative error.
     fn tolerance(&self) -> f64 {
         self.dtype().tolerance()
+    }
+    /// FLOPs of one launch, for compute-bound techniques (reported as TFLOP/s).
+    fn flops(&self) -> Option<f64> {
+        None
     }
     /// A line printed under the report table after this case ran on `backend`
     /// in `secs` per launch (SparQ: its traffic and time against dense decode).
@@ -323,7 +336,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     };
     let mut table =
         Table::new(["technique", "backend", "device", "shape", "dtype", "iters", "time/launch", "GB/s", "bytes"]);
-    let (bytes, mut ok) = (case.bytes(), true);
+    let (bytes, mut ok, mut notes) = (case.bytes(), true, Vec::new());
     for b in &backends {
         let (secs, n) = match measure(case.as_ref(), b, args.iters) {
             Ok(m) => m,
@@ -333,6 +346,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 continue;
             }
         };
+        if let Some(flops) = case.flops() {
+            notes.push(format!("{} on {}: {:.3} TFLOP/s", t.name(), b.kind(), flops / secs / 1e12));
+        }
         if args.json {
             let line = serde_json::json!({
                 "technique": t.name(),
@@ -343,6 +359,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 "seconds": secs,
                 "bytes": bytes,
                 "gbps": bytes as f64 / secs / 1e9,
+                "tflops": case.flops().map(|f| f / secs / 1e12),
             });
             println!("{line}");
         } else {
@@ -361,6 +378,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     }
     if !args.json {
         print!("{table}");
+        for n in &notes {
+            println!("{n}");
+        }
     }
     Ok(ok)
 }
