@@ -318,11 +318,11 @@ fn launch_with(backend: &Backend, op: Op, p: &BlockParams, n: &[usize]) -> Resul
             let mut enc = w.device().create_command_encoder(&Default::default());
             let (e, f) = (&mut enc, DType::F32);
             match op {
-                Op::Forward => bw::forward(&w, e, p, f, t[0], t[1], t[2], t[3], t[4], false),
-                Op::Merge => bw::merge(&w, e, &p.shape, t[0], t[1], t[2], t[3]),
-                Op::Finalize => bw::finalize(&w, e, p, f, t[0], t[1], t[2]),
-                Op::Prepass => bw::backward_prepass(&w, e, p, f, t[0], t[1], t[2]),
-                Op::Backward => bw::backward(&w, e, p, f, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]),
+                Op::Forward => bw::forward(w, e, p, f, t[0], t[1], t[2], t[3], t[4], false),
+                Op::Merge => bw::merge(w, e, &p.shape, t[0], t[1], t[2], t[3]),
+                Op::Finalize => bw::finalize(w, e, p, f, t[0], t[1], t[2]),
+                Op::Prepass => bw::backward_prepass(w, e, p, f, t[0], t[1], t[2]),
+                Op::Backward => bw::backward(w, e, p, f, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]),
             }
         }
         Backend::Cuda(c) => {
@@ -330,12 +330,12 @@ fn launch_with(backend: &Backend, op: Op, p: &BlockParams, n: &[usize]) -> Resul
             let mut b: Vec<_> = n.iter().map(|&len| st.alloc_zeros::<f32>(len.max(1)).unwrap()).collect();
             // alloc_zeros(0) is refused: a length-0 request becomes a 1-element buffer, still short.
             match (op, b.as_mut_slice()) {
-                (Op::Forward, [q, k, v, o, l]) => cuda::forward(&c, st, p, q, k, v, o, l, false),
-                (Op::Merge, [o, l, ob, lb]) => cuda::merge(&c, st, &p.shape, o, l, ob, lb),
-                (Op::Finalize, [o, l, out]) => cuda::finalize(&c, st, p, o, l, out),
-                (Op::Prepass, [o, d_o, delta]) => cuda::backward_prepass(&c, st, p, o, d_o, delta),
+                (Op::Forward, [q, k, v, o, l]) => cuda::forward(c, st, p, q, k, v, o, l, false),
+                (Op::Merge, [o, l, ob, lb]) => cuda::merge(c, st, &p.shape, o, l, ob, lb),
+                (Op::Finalize, [o, l, out]) => cuda::finalize(c, st, p, o, l, out),
+                (Op::Prepass, [o, d_o, delta]) => cuda::backward_prepass(c, st, p, o, d_o, delta),
                 (Op::Backward, [q, k, v, d_o, l, delta, dq, dk, dv]) => {
-                    cuda::backward(&c, st, p, q, k, v, d_o, l, delta, dq, dk, dv)
+                    cuda::backward(c, st, p, q, k, v, d_o, l, delta, dq, dk, dv)
                 }
                 _ => unreachable!(),
             }
@@ -403,7 +403,7 @@ fn aliasing(backend: &Backend) {
             let mut enc = w.device().create_command_encoder(&Default::default());
             let (t, at) = (WgpuTensor::new(&other), WgpuTensor::at(&big, 512));
             let e = frugal_attn::blockwise::wgpu::forward(
-                &w,
+                w,
                 &mut enc,
                 &p,
                 DType::F32,
@@ -417,7 +417,7 @@ fn aliasing(backend: &Backend) {
             .unwrap_err();
             assert_eq!(e.argument(), Some("o"), "{e}");
             let e =
-                frugal_attn::blockwise::wgpu::forward(&w, &mut enc, &p, DType::F32, t, t, t, at, t, false).unwrap_err();
+                frugal_attn::blockwise::wgpu::forward(w, &mut enc, &p, DType::F32, t, t, t, at, t, false).unwrap_err();
             assert_eq!(e.argument(), Some("lse"), "{e}");
         }
         // `&mut` slices cannot alias in safe Rust; the launchers still compare address ranges.
