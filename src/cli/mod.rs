@@ -2,6 +2,7 @@
 //! [`TECHNIQUES`]: it names the case the report runs and builds a [`Case`]
 //! from the shared shape flags; the commands only ever talk to the traits.
 
+mod blockwise;
 pub mod crosslayer;
 mod decode;
 pub mod eval;
@@ -17,7 +18,8 @@ use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk, &crosslayer::CrossLayer];
+pub const TECHNIQUES: &[&dyn Technique] =
+    &[&decode::Decode, &sparq::Sparq, &topk::Topk, &blockwise::Blockwise, &crosslayer::CrossLayer];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -81,6 +83,12 @@ pub struct CaseArgs {
     pub no_mean: bool,
     #[command(flatten)]
     pub crosslayer: crosslayer::CrossLayerArgs,
+    /// Blockwise: the causal mask (the diagonal block, q0 = k0 = 0)
+    #[arg(long)]
+    pub causal: bool,
+    /// Blockwise: check and time the backward (pre-pass + dQ/dK/dV) instead of the forward
+    #[arg(long)]
+    pub backward: bool,
 }
 
 impl Default for CaseArgs {
@@ -102,6 +110,8 @@ impl Default for CaseArgs {
             gqa: GqaMode::Shared,
             no_mean: false,
             crosslayer: Default::default(),
+            causal: false,
+            backward: false,
         }
     }
 }
@@ -191,6 +201,10 @@ pub trait Case {
     /// Largest passing relative error.
     fn tolerance(&self) -> f64 {
         self.dtype().tolerance()
+    }
+    /// FLOPs of one launch, for compute-bound techniques (reported as TFLOP/s).
+    fn flops(&self) -> Option<f64> {
+        None
     }
     /// A line printed under the report table after this case ran on `backend`
     /// in `secs` per launch (SparQ: its traffic and time against dense decode).
@@ -328,7 +342,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     };
     let mut table =
         Table::new(["technique", "backend", "device", "shape", "dtype", "iters", "time/launch", "GB/s", "bytes"]);
-    let (bytes, mut ok) = (case.bytes(), true);
+    let (bytes, mut ok, mut notes) = (case.bytes(), true, Vec::new());
     for b in &backends {
         let (secs, n) = match measure(case.as_ref(), b, args.iters) {
             Ok(m) => m,
@@ -338,6 +352,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 continue;
             }
         };
+        if let Some(flops) = case.flops() {
+            notes.push(format!("{} on {}: {:.3} TFLOP/s", t.name(), b.kind(), flops / secs / 1e12));
+        }
         if args.json {
             let line = serde_json::json!({
                 "technique": t.name(),
@@ -348,6 +365,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 "seconds": secs,
                 "bytes": bytes,
                 "gbps": bytes as f64 / secs / 1e9,
+                "tflops": case.flops().map(|f| f / secs / 1e12),
             });
             println!("{line}");
         } else {
@@ -366,6 +384,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     }
     if !args.json {
         print!("{table}");
+        for n in &notes {
+            println!("{n}");
+        }
     }
     Ok(ok)
 }
