@@ -7,6 +7,7 @@ pub mod decode;
 pub mod dtype;
 pub mod error;
 pub mod host;
+pub mod ring;
 pub mod sparq;
 pub mod topk;
 

@@ -3,19 +3,21 @@
 //! from the shared shape flags; the commands only ever talk to the traits.
 
 mod decode;
+mod ring;
 mod sparq;
 mod table;
 mod topk;
 
 use clap::Args;
 use frugal_attn::backend::{self, Backend, BackendKind};
+use frugal_attn::ring::RingLayout;
 use frugal_attn::sparq::GqaMode;
 use frugal_attn::{DType, Error, Result};
 use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk];
+pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk, &ring::Ring];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -77,6 +79,18 @@ pub struct CaseArgs {
     /// SparQ: no reallocation to the mean value (out = y)
     #[arg(long)]
     pub no_mean: bool,
+    /// Ring: ranks the sequence is split over [default: 4]
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Ring: how tokens are spread over the ranks, contiguous, zigzag or stripe
+    #[arg(long, default_value_t = RingLayout::Zigzag)]
+    pub layout: RingLayout,
+    /// Ring: causal mask
+    #[arg(long)]
+    pub causal: bool,
+    /// Ring: run the backward too (gradients checked against the reference)
+    #[arg(long)]
+    pub backward: bool,
 }
 
 impl Default for CaseArgs {
@@ -97,6 +111,10 @@ impl Default for CaseArgs {
             local_window: None,
             gqa: GqaMode::Shared,
             no_mean: false,
+            ranks: None,
+            layout: RingLayout::Zigzag,
+            causal: false,
+            backward: false,
         }
     }
 }
