@@ -50,7 +50,7 @@ fn bench_ring(c: &mut Criterion) {
                     let pass = if backward { "fwd_bwd" } else { "fwd" };
                     let id = BenchmarkId::new(format!("{dtype}_{pass}_causal"), format!("S{seq}_{what}"));
                     if let Err(e) = run::time(&backend, &p, &x, backward, 1) {
-                        eprintln!("ring bench: {kind} {id:?}: {e}");
+                        eprintln!("ring bench: {kind} S={seq} N={n} backward={backward}: {e}");
                         continue;
                     }
                     group.bench_function(id, |b| {

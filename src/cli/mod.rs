@@ -288,6 +288,11 @@ pub fn report() -> Result<bool> {
                         fmt_gbps(case.bytes(), secs),
                     ]);
                 }
+                // A technique without a transport for this backend yet is skipped, not failed.
+                Err(Error::BackendUnavailable { reason, .. }) => {
+                    notes.push(format!("{} on {}: skipped ({reason})", t.name(), b.kind()));
+                    row.extend(["-".into(), "skipped".into(), "-".into(), "-".into()]);
+                }
                 Err(e) => {
                     ok = false;
                     errors.push(format!("{} on {}: {e}", t.name(), b.kind()));

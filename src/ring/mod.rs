@@ -311,7 +311,7 @@ impl RingParams {
     /// blockwise validation of the largest part.
     pub fn validate(&self) -> Result<()> {
         let n = self.plan.max_rank_len().max(1);
-        self.block(n, n, n, n, Mask::None, 0, 0).validate()
+        self.block((n, n), (n, n), Mask::None, 0, 0).validate()
     }
 
     /// Elements of a rank's `Q`/`dO`/output shard and of its `K`/`V` shard.
@@ -323,17 +323,10 @@ impl RingParams {
         self.batch * self.kv_heads * self.plan.rank_len(r) * self.head_dim
     }
 
-    /// `[B, H, S, D]` contiguous strides of a shard of `len` rows.
-    fn block(
-        &self,
-        q_rank_len: usize,
-        kv_rank_len: usize,
-        q_len: usize,
-        kv_len: usize,
-        mask: Mask,
-        q0: usize,
-        k0: usize,
-    ) -> BlockParams {
+    /// The launch of `lens = (q_len, kv_len)` rows within shards of
+    /// `rank_lens = (q_rank_len, kv_rank_len)` rows (contiguous `[B, H, S, D]` strides).
+    fn block(&self, rank_lens: (usize, usize), lens: (usize, usize), mask: Mask, q0: usize, k0: usize) -> BlockParams {
+        let ((q_rank_len, kv_rank_len), (q_len, kv_len)) = (rank_lens, lens);
         let d = self.head_dim;
         let shape = BlockShape {
             batch: self.batch,
@@ -354,13 +347,13 @@ impl RingParams {
     /// rank's shards, `K`/`V` at [`Self::kv_offset`] of the block's.
     pub fn part_params(&self, r: usize, source: usize, part: &Part) -> BlockParams {
         let (qn, kn) = (self.plan.rank_len(r), self.plan.rank_len(source));
-        self.block(qn, kn, part.q_len, part.kv_len, part.mask, part.q0, part.k0)
+        self.block((qn, kn), (part.q_len, part.kv_len), part.mask, part.q0, part.k0)
     }
 
     /// The per-segment launches (finalize, backward pre-pass) of query segment `seg` of rank `r`.
     pub fn segment_params(&self, r: usize, seg: &Segment) -> BlockParams {
         let n = self.plan.rank_len(r);
-        self.block(n, n, seg.len, seg.len, Mask::None, 0, 0)
+        self.block((n, n), (seg.len, seg.len), Mask::None, 0, 0)
     }
 
     /// Element offset of local row `row` in a `Q`-shaped shard.
