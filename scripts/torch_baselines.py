@@ -6,9 +6,11 @@
   python3 scripts/torch_baselines.py decode --batch 16 --q-heads 32 --kv-heads 8 --seq 16384 --head-dim 128 --dtype f16
   python3 scripts/torch_baselines.py topk --rows 64 --n 131072 --k 8192
   python3 scripts/torch_baselines.py sparq --batch 16 --q-heads 32 --kv-heads 8 --seq 65536 --r 16 --k 4096
+  python3 scripts/torch_baselines.py blockwise --batch 1 --q-heads 32 --kv-heads 32 --seq 8192 --head-dim 128 --dtype bf16
 
 Each prints one JSON object per line: technique, backend, device, case, seconds,
-bytes, gbps (the same keys `frugal-attn bench --json` writes).
+bytes, gbps (the same keys `frugal-attn bench --json` writes); blockwise adds
+flops and tflops (forward and backward, full and causal).
 """
 import argparse
 import json
@@ -102,9 +104,30 @@ def sparq(a):
     emit("sparq", "torch-gather", case, secs, nbytes)
 
 
+def blockwise(a):
+    """SDPA forward and forward+backward minus forward, Sq = Sk = --seq, FLOPs as frugal-attn counts them."""
+    dt = DTYPES[a.dtype]
+    q = torch.randn(a.batch, a.q_heads, a.seq, a.head_dim, device="cuda", dtype=dt, requires_grad=True)
+    k = torch.randn(a.batch, a.kv_heads, a.seq, a.head_dim, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    d_o = torch.randn_like(q)
+    nbytes = (2 * q.numel() + k.numel() + v.numel()) * q.element_size()
+    for causal in (False, True):
+        flops = 4.0 * a.batch * a.q_heads * a.seq * a.seq * a.head_dim / (2 if causal else 1)
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=a.q_heads != a.kv_heads)
+        with torch.no_grad():
+            fwd = time_cuda(sdpa, a.iters)
+        both = time_cuda(lambda: sdpa().backward(d_o), a.iters)
+        for what, secs, f in (("forward", fwd, flops), ("backward", max(both - fwd, 1e-9), 2.5 * flops)):
+            case = dict(decode_case(a), causal=causal, **{"pass": what})
+            print(json.dumps({"technique": "blockwise", "backend": "torch-sdpa", "device": torch.cuda.get_device_name(),
+                              "case": case, "seconds": secs, "bytes": nbytes, "gbps": nbytes / secs / 1e9,
+                              "flops": f, "tflops": f / secs / 1e12}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["copy", "decode", "topk", "sparq"])
+    ap.add_argument("what", choices=["copy", "decode", "topk", "sparq", "blockwise"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -117,7 +140,7 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--iters", type=int, default=50)
     a = ap.parse_args()
-    {"copy": copy, "decode": decode, "topk": topk, "sparq": sparq}[a.what](a)
+    {"copy": copy, "decode": decode, "topk": topk, "sparq": sparq, "blockwise": blockwise}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@
 //!   f32 gradients: `dQ` shaped like `O`, `dK`/`dV` as `[B, H_kv, kv_len, D]`
 //!   contiguous; `delta = rowsum(dO * O)` comes from a pre-pass, shaped like `lse`.
 
+pub mod cuda;
 pub mod reference;
+pub mod run;
+pub mod wgpu;
 
 use crate::decode::{extent, no_overlap};
 use crate::error::{ensure, Result};
@@ -57,6 +60,27 @@ pub struct BlockShape {
 }
 
 impl BlockShape {
+    /// Checks the sizes: everything at least 1, GQA divisibility, the head
+    /// dimension, and f32 state small enough for 32-bit indices.
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        ensure(s.batch >= 1, "batch", || "must be at least 1 (empty batch)".into())?;
+        ensure(s.kv_heads >= 1, "kv_heads", || "must be at least 1".into())?;
+        ensure(s.q_heads >= 1, "q_heads", || "must be at least 1".into())?;
+        ensure(s.q_heads.is_multiple_of(s.kv_heads), "q_heads", || {
+            format!("{} is not a multiple of kv_heads = {}", s.q_heads, s.kv_heads)
+        })?;
+        ensure(s.head_dim >= 1 && s.head_dim <= MAX_HEAD_DIM, "head_dim", || {
+            format!("{} is outside 1..={MAX_HEAD_DIM}", s.head_dim)
+        })?;
+        ensure(s.q_len >= 1, "q_len", || "must be at least 1".into())?;
+        ensure(s.kv_len >= 1, "kv_len", || "must be at least 1".into())?;
+        let lim = i32::MAX as u128;
+        let o = s.batch as u128 * s.q_heads as u128 * s.q_len as u128 * s.head_dim as u128;
+        let kv = s.batch as u128 * s.kv_heads as u128 * s.kv_len as u128 * s.head_dim as u128;
+        ensure(o <= lim && kv <= lim, "shape", || "the f32 outputs exceed i32::MAX elements".into())
+    }
+
     pub fn groups(&self) -> usize {
         self.q_heads / self.kv_heads.max(1)
     }
@@ -147,26 +171,13 @@ impl BlockParams {
     /// Checks the shape, the offsets, the strides and the scale.
     pub fn validate(&self) -> Result<()> {
         let s = &self.shape;
-        ensure(s.batch >= 1, "batch", || "must be at least 1 (empty batch)".into())?;
-        ensure(s.kv_heads >= 1, "kv_heads", || "must be at least 1".into())?;
-        ensure(s.q_heads >= 1, "q_heads", || "must be at least 1".into())?;
-        ensure(s.q_heads.is_multiple_of(s.kv_heads), "q_heads", || {
-            format!("{} is not a multiple of kv_heads = {}", s.q_heads, s.kv_heads)
-        })?;
-        ensure(s.head_dim >= 1 && s.head_dim <= MAX_HEAD_DIM, "head_dim", || {
-            format!("{} is outside 1..={MAX_HEAD_DIM}", s.head_dim)
-        })?;
-        ensure(s.q_len >= 1, "q_len", || "must be at least 1".into())?;
-        ensure(s.kv_len >= 1, "kv_len", || "must be at least 1".into())?;
+        s.validate()?;
         let lim = i32::MAX as usize;
         ensure(self.q0.checked_add(s.q_len).is_some_and(|e| e <= lim), "q0", || {
             format!("q0 + q_len = {} + {} exceeds i32::MAX", self.q0, s.q_len)
         })?;
         ensure(self.k0.checked_add(s.kv_len).is_some_and(|e| e <= lim), "k0", || {
             format!("k0 + kv_len = {} + {} exceeds i32::MAX", self.k0, s.kv_len)
-        })?;
-        ensure(s.o_elems() <= lim && s.kv_grad_elems() <= lim, "shape", || {
-            "the f32 outputs exceed i32::MAX elements".into()
         })?;
         ensure(self.scale.is_finite(), "scale", || format!("{} is not finite", self.scale))?;
         let (d, l) = (s.head_dim, &self.layout);
@@ -227,6 +238,72 @@ impl BlockParams {
     pub fn backward_flops(&self) -> f64 {
         2.5 * self.forward_flops()
     }
+}
+
+/// What each launcher needs of its buffers, in argument order: `(name, elements)`.
+/// The launchers of every backend check the lengths they were given against these.
+impl BlockParams {
+    pub(crate) fn forward_needs(&self) -> [(&'static str, usize); 5] {
+        let s = &self.shape;
+        [
+            ("q", self.q_elems()),
+            ("k", self.k_elems()),
+            ("v", self.v_elems()),
+            ("o", s.o_elems()),
+            ("lse", s.lse_elems()),
+        ]
+    }
+
+    pub(crate) fn finalize_needs(&self) -> [(&'static str, usize); 3] {
+        [("o", self.shape.o_elems()), ("lse", self.shape.lse_elems()), ("out", self.o_elems())]
+    }
+
+    pub(crate) fn prepass_needs(&self) -> [(&'static str, usize); 3] {
+        [("o", self.shape.o_elems()), ("d_o", self.o_elems()), ("delta", self.shape.lse_elems())]
+    }
+
+    pub(crate) fn backward_needs(&self) -> [(&'static str, usize); 9] {
+        let s = &self.shape;
+        [
+            ("q", self.q_elems()),
+            ("k", self.k_elems()),
+            ("v", self.v_elems()),
+            ("d_o", self.o_elems()),
+            ("lse", s.lse_elems()),
+            ("delta", s.lse_elems()),
+            ("dq", s.o_elems()),
+            ("dk", s.kv_grad_elems()),
+            ("dv", s.kv_grad_elems()),
+        ]
+    }
+}
+
+impl BlockShape {
+    pub(crate) fn merge_needs(&self) -> [(&'static str, usize); 4] {
+        [("o", self.o_elems()), ("lse", self.lse_elems()), ("o_b", self.o_elems()), ("lse_b", self.lse_elems())]
+    }
+}
+
+/// Checks buffer lengths `have` (elements, in the order of `needs`) against `needs`.
+pub(crate) fn check_lens(needs: &[(&'static str, usize)], have: &[usize]) -> Result<()> {
+    for (&(arg, need), &have) in needs.iter().zip(have) {
+        need_elems(arg, have, need)?;
+    }
+    Ok(())
+}
+
+/// `Err` naming the written tensor when its byte range `[start, end)` overlaps
+/// another tensor's; `tensors` are `(name, start, end, written)`.
+pub(crate) fn check_no_alias(tensors: &[(&'static str, u64, u64, bool)]) -> Result<()> {
+    for (i, &(a, a0, a1, aw)) in tensors.iter().enumerate() {
+        for &(b, b0, b1, bw) in &tensors[i + 1..] {
+            if (aw || bw) && a0 < b1 && b0 < a1 {
+                let (w, other) = if aw { (a, b) } else { (b, a) };
+                return Err(crate::error::Error::invalid(w, format!("overlaps `{other}` in memory")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `Err` naming `arg` unless a buffer of `have` elements holds the `need` a layout asks for.

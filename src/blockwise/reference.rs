@@ -185,6 +185,7 @@ pub fn forward_into<T: Element>(
     lse: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
+    p.validate()?;
     need_elems("o", o.len(), p.shape.o_elems())?;
     need_elems("lse", lse.len(), p.shape.lse_elems())?;
     let part = forward(p, q, k, v)?;
@@ -199,6 +200,7 @@ pub fn forward_into<T: Element>(
 
 /// Merges `(o_b, lse_b)` into `(o, lse)` in place.
 pub fn merge_into(s: &BlockShape, o: &mut [f32], lse: &mut [f32], o_b: &[f32], lse_b: &[f32]) -> Result<()> {
+    s.validate()?;
     for (arg, have, want) in [
         ("o", o.len(), s.o_elems()),
         ("lse", lse.len(), s.lse_elems()),
@@ -279,6 +281,7 @@ pub fn backward_into<T: Element>(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<()> {
+    p.validate()?;
     let s = &p.shape;
     need_elems("delta", delta.len(), s.lse_elems())?;
     need_elems("dq", dq.len(), s.o_elems())?;

@@ -2,6 +2,7 @@
 //! [`TECHNIQUES`]: it names the case the report runs and builds a [`Case`]
 //! from the shared shape flags; the commands only ever talk to the traits.
 
+mod blockwise;
 mod decode;
 mod ring;
 mod sparq;
@@ -17,7 +18,8 @@ use std::time::Instant;
 use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
-pub const TECHNIQUES: &[&dyn Technique] = &[&decode::Decode, &sparq::Sparq, &topk::Topk, &ring::Ring];
+pub const TECHNIQUES: &[&dyn Technique] =
+    &[&decode::Decode, &sparq::Sparq, &topk::Topk, &blockwise::Blockwise, &ring::Ring];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -85,10 +87,10 @@ pub struct CaseArgs {
     /// Ring: how tokens are spread over the ranks, contiguous, zigzag or stripe
     #[arg(long, default_value_t = RingLayout::Zigzag)]
     pub layout: RingLayout,
-    /// Ring: causal mask
+    /// Blockwise, ring: the causal mask (blockwise: the diagonal block, q0 = k0 = 0)
     #[arg(long)]
     pub causal: bool,
-    /// Ring: run the backward too (gradients checked against the reference)
+    /// Blockwise, ring: check and time the backward too (pre-pass + dQ/dK/dV)
     #[arg(long)]
     pub backward: bool,
 }
@@ -204,6 +206,10 @@ pub trait Case {
     /// Largest passing relative error.
     fn tolerance(&self) -> f64 {
         self.dtype().tolerance()
+    }
+    /// FLOPs of one launch, for compute-bound techniques (reported as TFLOP/s).
+    fn flops(&self) -> Option<f64> {
+        None
     }
     /// A line printed under the report table after this case ran on `backend`
     /// in `secs` per launch (SparQ: its traffic and time against dense decode).
@@ -346,7 +352,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     };
     let mut table =
         Table::new(["technique", "backend", "device", "shape", "dtype", "iters", "time/launch", "GB/s", "bytes"]);
-    let (bytes, mut ok) = (case.bytes(), true);
+    let (bytes, mut ok, mut notes) = (case.bytes(), true, Vec::new());
     for b in &backends {
         let (secs, n) = match measure(case.as_ref(), b, args.iters) {
             Ok(m) => m,
@@ -356,6 +362,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 continue;
             }
         };
+        if let Some(flops) = case.flops() {
+            notes.push(format!("{} on {}: {:.3} TFLOP/s", t.name(), b.kind(), flops / secs / 1e12));
+        }
         if args.json {
             let line = serde_json::json!({
                 "technique": t.name(),
@@ -366,6 +375,7 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
                 "seconds": secs,
                 "bytes": bytes,
                 "gbps": bytes as f64 / secs / 1e9,
+                "tflops": case.flops().map(|f| f / secs / 1e12),
             });
             println!("{line}");
         } else {
@@ -384,6 +394,9 @@ pub fn bench(args: &BenchArgs) -> Result<bool> {
     }
     if !args.json {
         print!("{table}");
+        for n in &notes {
+            println!("{n}");
+        }
     }
     Ok(ok)
 }

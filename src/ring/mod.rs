@@ -21,7 +21,11 @@
 //! causal with `(q0, k0) = (0, 0)` for `s <= r` and `(0, 1)` for `s > r`.
 
 pub mod cpu;
+pub mod cuda;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod run;
+pub mod wgpu;
 
 use crate::blockwise::{BlockLayout, BlockParams, BlockShape, Mask};
 use crate::error::{ensure, Result};

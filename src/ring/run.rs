@@ -3,8 +3,10 @@
 //! ranks), put the results back together. Tests, the CLI and the benches use
 //! it; engines call the transports on their own shards.
 
+use super::wgpu::WgpuRing;
 use super::{cpu, RingGrads, RingParams, RingState};
 use crate::backend::Backend;
+use crate::backend::WgpuBackend;
 use crate::blockwise::{reference, BlockParams, BlockShape, Mask};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -108,7 +110,8 @@ pub fn run(backend: &Backend, p: &RingParams, x: &RingInputs, backward: bool) ->
         let sh = Shards::<T>::new(p, q, x)?;
         let (out, states, grads) = match backend {
             Backend::Cpu => sh.run_cpu(backward)?,
-            other => return Err(Error::unavailable(backend_name(other), "the ring transport for this backend is not built yet")),
+            Backend::Wgpu(w) => sh.run_wgpu(w, backward)?,
+            Backend::Cuda(c) => sh.run_cuda(c, backward)?,
         };
         gather(p, &out, &states, grads.as_deref())
     })
@@ -128,13 +131,39 @@ pub fn time(backend: &Backend, p: &RingParams, x: &RingInputs, backward: bool, i
                 }
                 Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
             }
-            other => Err(Error::unavailable(backend_name(other), "the ring transport for this backend is not built yet")),
+            Backend::Wgpu(w) => {
+                let _gate = w.exclusive();
+                let ring = sh.wgpu_ring(w)?;
+                let record = |enc: &mut wgpu::CommandEncoder| {
+                    ring.record_forward(enc)?;
+                    if backward {
+                        ring.record_backward(enc)?;
+                    }
+                    Ok(())
+                };
+                w.time(1, record)?;
+                w.time(iters.max(1), record)
+            }
+            Backend::Cuda(c) => {
+                let mut ring = super::cuda::CudaRing::new(std::slice::from_ref(c), p, &sh.q, &sh.k, &sh.v, &sh.d_o)?;
+                let once = |ring: &mut super::cuda::CudaRing<T>| -> Result<()> {
+                    ring.forward()?;
+                    if backward {
+                        ring.backward()?;
+                    }
+                    Ok(())
+                };
+                once(&mut ring)?;
+                ring.synchronize()?;
+                let t0 = Instant::now();
+                for _ in 0..iters.max(1) {
+                    once(&mut ring)?;
+                }
+                ring.synchronize()?;
+                Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+            }
         }
     })
-}
-
-fn backend_name(b: &Backend) -> &'static str {
-    b.kind().name()
 }
 
 fn check_inputs(p: &RingParams, x: &RingInputs) -> Result<()> {
@@ -187,6 +216,46 @@ impl<T: Element> Shards<T> {
         let grads =
             if backward { Some(cpu::backward(p, &self.q, &self.k, &self.v, &self.d_o, &states)?) } else { None };
         Ok((out, states, grads))
+    }
+}
+
+impl<T: Element> Shards<T> {
+    fn wgpu_ring<'w>(&self, w: &'w WgpuBackend) -> Result<WgpuRing<'w>> {
+        let bytes = |v: &[Vec<T>]| -> Vec<Vec<u8>> { v.iter().map(|x| bytemuck::cast_slice(x).to_vec()).collect() };
+        let (q, k, v, d_o) = (bytes(&self.q), bytes(&self.k), bytes(&self.v), bytes(&self.d_o));
+        fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
+            v.iter().map(|x| &x[..]).collect()
+        }
+        WgpuRing::new(w, &self.p, T::DTYPE, &refs(&q), &refs(&k), &refs(&v), &refs(&d_o))
+    }
+
+    fn run_wgpu(&self, w: &WgpuBackend, backward: bool) -> Result<RunResult<T>> {
+        let _gate = w.exclusive();
+        let ring = self.wgpu_ring(w)?;
+        w.time(1, |enc| {
+            ring.record_forward(enc)?;
+            if backward {
+                ring.record_backward(enc)?;
+            }
+            Ok(())
+        })?;
+        let (outs, states) = ring.read_forward()?;
+        let outs = outs.iter().map(|b| crate::host::bytes_to_vec::<T>(b)).collect();
+        let grads = if backward { Some(ring.read_grads()?) } else { None };
+        Ok((outs, states, grads))
+    }
+
+    /// Every rank on the backend's GPU (in-process ranks sharing one device).
+    fn run_cuda(&self, c: &std::sync::Arc<crate::backend::CudaBackend>, backward: bool) -> Result<RunResult<T>> {
+        let mut ring =
+            super::cuda::CudaRing::new(std::slice::from_ref(c), &self.p, &self.q, &self.k, &self.v, &self.d_o)?;
+        ring.forward()?;
+        if backward {
+            ring.backward()?;
+        }
+        let (outs, states) = ring.read_forward()?;
+        let grads = if backward { Some(ring.read_grads()?) } else { None };
+        Ok((outs, states, grads))
     }
 }
 

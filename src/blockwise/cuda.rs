@@ -1,0 +1,455 @@
+//! CUDA launchers for blockwise attention (`kernels-cuda/blockwise.cu`).
+//!
+//! Every launcher records work on the caller's stream and returns: nothing is
+//! waited for or allocated. `q`, `k`, `v`, `d_o` and the finalized `out` hold
+//! `T`; `o`, `lse`, `delta`, `dq`, `dk`, `dv` are f32. A tensor a launcher
+//! writes must not overlap any other argument in memory.
+
+use super::{check_lens, check_no_alias, BlockParams, BlockShape, Mask};
+use crate::backend::cuda::CudaBackend;
+use crate::dtype::{DType, Element};
+use crate::error::{ensure, Error, Result};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+/// Mirrors `struct BwParams` of blockwise.cu (144 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct KernelParams {
+    q_st: [i64; 3],
+    k_st: [i64; 3],
+    v_st: [i64; 3],
+    o_st: [i64; 3],
+    batch: i32,
+    q_heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    q_len: i32,
+    kv_len: i32,
+    q0: i32,
+    k0: i32,
+    causal: i32,
+    accumulate: i32,
+    scale: f32,
+    pad: i32,
+}
+
+// SAFETY: plain-old-data, layout fixed by repr(C) and checked against the kernel's static_assert.
+unsafe impl cudarc::driver::DeviceRepr for KernelParams {}
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 144);
+
+/// Threads per block of every kernel.
+const THREADS: u32 = 128;
+/// Keys per staged tile of the forward and dQ kernels; query rows per tile of the dK/dV and dQ kernels.
+const TILE: usize = 32;
+
+/// The kernel family for a head dimension: its `D_MAX` and the forward's rows
+/// per thread (`RM`) and the dK/dV kernel's keys per thread (`KPT`); mirrors
+/// the instantiations at the end of blockwise.cu.
+#[derive(Clone, Copy)]
+struct Variant {
+    d_max: usize,
+    rm: usize,
+    kpt: usize,
+}
+
+fn variant(head_dim: usize) -> Variant {
+    match head_dim {
+        0..=64 => Variant { d_max: 64, rm: 4, kpt: 2 },
+        65..=128 => Variant { d_max: 128, rm: 4, kpt: 2 },
+        _ => Variant { d_max: 256, rm: 2, kpt: 1 },
+    }
+}
+
+/// Shared-memory row stride in floats (odd, so rows fall in different banks).
+fn row_stride(head_dim: usize) -> usize {
+    head_dim | 1
+}
+
+/// Dynamic shared memory of each kernel, in bytes (mirrors the carve-up in blockwise.cu).
+fn forward_smem(head_dim: usize) -> usize {
+    let (bq, ds) = (16 * variant(head_dim).rm, row_stride(head_dim));
+    4 * (bq * ds + TILE * ds + bq * (TILE + 1))
+}
+
+fn dkv_smem(head_dim: usize) -> usize {
+    let (bkv, ds) = (16 * variant(head_dim).kpt, row_stride(head_dim));
+    4 * (2 * bkv * ds + 2 * TILE * ds + 2 * TILE * (bkv + 1))
+}
+
+fn dq_smem(head_dim: usize) -> usize {
+    let ds = row_stride(head_dim);
+    4 * (4 * TILE * ds + TILE * (TILE + 1))
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    dtype.name()
+}
+
+/// Kernel names are `bw_<kind>_<dtype>` or `bw_<kind>_<dtype>_d<D_MAX>`; the
+/// names are static strings for the backend's function cache.
+fn kernel_name(kind: &str, dtype: DType, d_max: Option<usize>) -> &'static str {
+    macro_rules! table {
+        ($($k:literal),*) => {
+            match (kind, dtype_name(dtype), d_max) {
+                $(
+                    ($k, "f32", None) => concat!("bw_", $k, "_f32"),
+                    ($k, "f16", None) => concat!("bw_", $k, "_f16"),
+                    ($k, "bf16", None) => concat!("bw_", $k, "_bf16"),
+                    ($k, "f32", Some(64)) => concat!("bw_", $k, "_f32_d64"),
+                    ($k, "f32", Some(128)) => concat!("bw_", $k, "_f32_d128"),
+                    ($k, "f32", Some(_)) => concat!("bw_", $k, "_f32_d256"),
+                    ($k, "f16", Some(64)) => concat!("bw_", $k, "_f16_d64"),
+                    ($k, "f16", Some(128)) => concat!("bw_", $k, "_f16_d128"),
+                    ($k, "f16", Some(_)) => concat!("bw_", $k, "_f16_d256"),
+                    ($k, _, Some(64)) => concat!("bw_", $k, "_bf16_d64"),
+                    ($k, _, Some(128)) => concat!("bw_", $k, "_bf16_d128"),
+                    ($k, _, Some(_)) => concat!("bw_", $k, "_bf16_d256"),
+                    ($k, _, None) => concat!("bw_", $k, "_bf16"),
+                )*
+                _ => "bw_unknown",
+            }
+        };
+    }
+    table!("forward", "finalize", "prepass", "dkv", "dq")
+}
+
+fn kernel_params(p: &BlockParams, accumulate: bool) -> KernelParams {
+    let (s, l) = (&p.shape, &p.layout);
+    let st = |x: &[usize; 3]| [x[0] as i64, x[1] as i64, x[2] as i64];
+    KernelParams {
+        q_st: st(&l.q),
+        k_st: st(&l.k),
+        v_st: st(&l.v),
+        o_st: st(&l.o),
+        batch: s.batch as i32,
+        q_heads: s.q_heads as i32,
+        kv_heads: s.kv_heads as i32,
+        head_dim: s.head_dim as i32,
+        q_len: s.q_len as i32,
+        kv_len: s.kv_len as i32,
+        q0: p.q0 as i32,
+        k0: p.k0 as i32,
+        causal: (p.mask == Mask::Causal) as i32,
+        accumulate: accumulate as i32,
+        scale: p.scale,
+        pad: 0,
+    }
+}
+
+fn shape_params(s: &BlockShape) -> KernelParams {
+    let p = BlockParams::new(*s, Mask::None);
+    kernel_params(&p, false)
+}
+
+/// `(name, start, end, written)` of a tensor of `T` at `ptr` holding `len` elements.
+fn span<T>(name: &'static str, ptr: u64, len: usize, written: bool) -> (&'static str, u64, u64, bool) {
+    (name, ptr, ptr + (len * std::mem::size_of::<T>()) as u64, written)
+}
+
+fn check_grid(dims: [(usize, &'static str); 2]) -> Result<()> {
+    for (n, arg) in dims {
+        ensure(n <= 65535, arg, || format!("needs {n} blocks along grid y/z, CUDA allows 65535"))?;
+    }
+    Ok(())
+}
+
+fn flat_grid(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).max(1) as u32
+}
+
+fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::device("cuda", format!("launching {name}: {e}"))
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
+fn allow_smem(f: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(|e| Error::device("cuda", format!("{name}: {bytes} bytes of shared memory: {e}")))
+}
+
+/// Records the forward of one (Q block, KV block) pair into f32 `o`
+/// `[B, Hq, q_len, D]` and `lse` `[B, Hq, q_len]` (`-inf` and 0 for rows
+/// that see no key); with `accumulate` the pair is merged into `(o, lse)`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element>(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    params: &BlockParams,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    o: &mut impl DevicePtrMut<f32>,
+    lse: &mut impl DevicePtrMut<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    backend.check_stream(stream)?;
+    params.validate()?;
+    check_lens(&params.forward_needs(), &[q.len(), k.len(), v.len(), o.len(), lse.len()])?;
+    let s = &params.shape;
+    let var = variant(s.head_dim);
+    let bq = 16 * var.rm;
+    check_grid([(s.q_heads, "q_heads"), (s.batch, "batch")])?;
+    let (q_ptr, _q_sync) = q.device_ptr(stream);
+    let (k_ptr, _k_sync) = k.device_ptr(stream);
+    let (v_ptr, _v_sync) = v.device_ptr(stream);
+    let (o_ptr, _o_sync) = o.device_ptr_mut(stream);
+    let (lse_ptr, _lse_sync) = lse.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<T>("q", q_ptr, q.len(), false),
+        span::<T>("k", k_ptr, k.len(), false),
+        span::<T>("v", v_ptr, v.len(), false),
+        span::<f32>("o", o_ptr, s.o_elems(), true),
+        span::<f32>("lse", lse_ptr, s.lse_elems(), true),
+    ])?;
+    let name = kernel_name("forward", T::DTYPE, Some(var.d_max));
+    let f = backend.function(name)?;
+    let smem = forward_smem(s.head_dim);
+    allow_smem(&f, name, smem)?;
+    let kp = kernel_params(params, accumulate);
+    // SAFETY: every pointer was checked against the layout's extent above, the
+    // kernel indexes only inside those extents, and KernelParams matches the ABI.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&o_ptr)
+            .arg(&lse_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                grid_dim: (s.q_len.div_ceil(bq) as u32, s.q_heads as u32, s.batch as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+            .map_err(launch_err(name))?;
+    }
+    Ok(())
+}
+
+/// Records the merge of the partial `(o_b, lse_b)` into `(o, lse)` in place.
+pub fn merge(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    shape: &BlockShape,
+    o: &mut impl DevicePtrMut<f32>,
+    lse: &mut impl DevicePtrMut<f32>,
+    o_b: &impl DevicePtr<f32>,
+    lse_b: &impl DevicePtr<f32>,
+) -> Result<()> {
+    backend.check_stream(stream)?;
+    shape.validate()?;
+    check_lens(&shape.merge_needs(), &[o.len(), lse.len(), o_b.len(), lse_b.len()])?;
+    let (o_ptr, _o_sync) = o.device_ptr_mut(stream);
+    let (lse_ptr, _lse_sync) = lse.device_ptr_mut(stream);
+    let (ob_ptr, _ob_sync) = o_b.device_ptr(stream);
+    let (lseb_ptr, _lseb_sync) = lse_b.device_ptr(stream);
+    check_no_alias(&[
+        span::<f32>("o", o_ptr, shape.o_elems(), true),
+        span::<f32>("lse", lse_ptr, shape.lse_elems(), true),
+        span::<f32>("o_b", ob_ptr, shape.o_elems(), false),
+        span::<f32>("lse_b", lseb_ptr, shape.lse_elems(), false),
+    ])?;
+    let name = "bw_merge";
+    let f = backend.function(name)?;
+    let kp = shape_params(shape);
+    // SAFETY: as in `forward`.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&o_ptr)
+            .arg(&lse_ptr)
+            .arg(&ob_ptr)
+            .arg(&lseb_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                grid_dim: (flat_grid(shape.lse_elems()), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(launch_err(name))?;
+    }
+    Ok(())
+}
+
+/// Records the cast of the final f32 `o` into `out` (strided as
+/// `params.layout.o`); rows whose `lse` is `-inf` become exactly 0.
+pub fn finalize<T: Element>(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    params: &BlockParams,
+    o: &impl DevicePtr<f32>,
+    lse: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    backend.check_stream(stream)?;
+    params.validate()?;
+    check_lens(&params.finalize_needs(), &[o.len(), lse.len(), out.len()])?;
+    let s = &params.shape;
+    let (o_ptr, _o_sync) = o.device_ptr(stream);
+    let (lse_ptr, _lse_sync) = lse.device_ptr(stream);
+    let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<f32>("o", o_ptr, s.o_elems(), false),
+        span::<f32>("lse", lse_ptr, s.lse_elems(), false),
+        span::<T>("out", out_ptr, params.o_elems(), true),
+    ])?;
+    let name = kernel_name("finalize", T::DTYPE, None);
+    let f = backend.function(name)?;
+    let kp = kernel_params(params, false);
+    // SAFETY: as in `forward`.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&o_ptr)
+            .arg(&lse_ptr)
+            .arg(&out_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                grid_dim: (flat_grid(s.o_elems()), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(launch_err(name))?;
+    }
+    Ok(())
+}
+
+/// Records the backward pre-pass `delta = rowsum(d_o * o)`.
+pub fn backward_prepass<T: Element>(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    params: &BlockParams,
+    o: &impl DevicePtr<f32>,
+    d_o: &impl DevicePtr<T>,
+    delta: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    backend.check_stream(stream)?;
+    params.validate()?;
+    check_lens(&params.prepass_needs(), &[o.len(), d_o.len(), delta.len()])?;
+    let s = &params.shape;
+    let (o_ptr, _o_sync) = o.device_ptr(stream);
+    let (do_ptr, _do_sync) = d_o.device_ptr(stream);
+    let (delta_ptr, _delta_sync) = delta.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<f32>("o", o_ptr, s.o_elems(), false),
+        span::<T>("d_o", do_ptr, params.o_elems(), false),
+        span::<f32>("delta", delta_ptr, s.lse_elems(), true),
+    ])?;
+    let name = kernel_name("prepass", T::DTYPE, None);
+    let f = backend.function(name)?;
+    let kp = kernel_params(params, false);
+    // SAFETY: as in `forward`.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&o_ptr)
+            .arg(&do_ptr)
+            .arg(&delta_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                // One warp per row.
+                grid_dim: (s.lse_elems().div_ceil(THREADS as usize / 32) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .map_err(launch_err(name))?;
+    }
+    Ok(())
+}
+
+/// Records the backward of one pair given the final `lse`, `d_o` and `delta`
+/// (from [`backward_prepass`]), accumulating (`+=`) into f32 `dq`
+/// `[B, Hq, q_len, D]` and `dk`/`dv` `[B, Hkv, kv_len, D]`: one kernel per KV
+/// tile for dK/dV and one per Q tile for dQ, so no element has two writers.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Element>(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    params: &BlockParams,
+    q: &impl DevicePtr<T>,
+    k: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    d_o: &impl DevicePtr<T>,
+    lse: &impl DevicePtr<f32>,
+    delta: &impl DevicePtr<f32>,
+    dq: &mut impl DevicePtrMut<f32>,
+    dk: &mut impl DevicePtrMut<f32>,
+    dv: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    backend.check_stream(stream)?;
+    params.validate()?;
+    check_lens(
+        &params.backward_needs(),
+        &[q.len(), k.len(), v.len(), d_o.len(), lse.len(), delta.len(), dq.len(), dk.len(), dv.len()],
+    )?;
+    let s = &params.shape;
+    check_grid([(s.q_heads, "q_heads"), (s.batch, "batch")])?;
+    let (q_ptr, _q_sync) = q.device_ptr(stream);
+    let (k_ptr, _k_sync) = k.device_ptr(stream);
+    let (v_ptr, _v_sync) = v.device_ptr(stream);
+    let (do_ptr, _do_sync) = d_o.device_ptr(stream);
+    let (lse_ptr, _lse_sync) = lse.device_ptr(stream);
+    let (delta_ptr, _delta_sync) = delta.device_ptr(stream);
+    let (dq_ptr, _dq_sync) = dq.device_ptr_mut(stream);
+    let (dk_ptr, _dk_sync) = dk.device_ptr_mut(stream);
+    let (dv_ptr, _dv_sync) = dv.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<T>("q", q_ptr, q.len(), false),
+        span::<T>("k", k_ptr, k.len(), false),
+        span::<T>("v", v_ptr, v.len(), false),
+        span::<T>("d_o", do_ptr, d_o.len(), false),
+        span::<f32>("lse", lse_ptr, s.lse_elems(), false),
+        span::<f32>("delta", delta_ptr, s.lse_elems(), false),
+        span::<f32>("dq", dq_ptr, s.o_elems(), true),
+        span::<f32>("dk", dk_ptr, s.kv_grad_elems(), true),
+        span::<f32>("dv", dv_ptr, s.kv_grad_elems(), true),
+    ])?;
+    let var = variant(s.head_dim);
+    let kp = kernel_params(params, false);
+    let dkv_name = kernel_name("dkv", T::DTYPE, Some(var.d_max));
+    let dq_name = kernel_name("dq", T::DTYPE, Some(var.d_max));
+    let (dkv_f, dq_f) = (backend.function(dkv_name)?, backend.function(dq_name)?);
+    let (dkv_bytes, dq_bytes) = (dkv_smem(s.head_dim), dq_smem(s.head_dim));
+    allow_smem(&dkv_f, dkv_name, dkv_bytes)?;
+    allow_smem(&dq_f, dq_name, dq_bytes)?;
+    let bkv = 16 * var.kpt;
+    // SAFETY: as in `forward`.
+    unsafe {
+        stream
+            .launch_builder(&dkv_f)
+            .arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&do_ptr)
+            .arg(&lse_ptr)
+            .arg(&delta_ptr)
+            .arg(&dk_ptr)
+            .arg(&dv_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                grid_dim: (s.kv_len.div_ceil(bkv) as u32, s.kv_heads as u32, s.batch as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: dkv_bytes as u32,
+            })
+            .map_err(launch_err(dkv_name))?;
+        stream
+            .launch_builder(&dq_f)
+            .arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&do_ptr)
+            .arg(&lse_ptr)
+            .arg(&delta_ptr)
+            .arg(&dq_ptr)
+            .arg(&kp)
+            .launch(LaunchConfig {
+                grid_dim: (s.q_len.div_ceil(TILE) as u32, s.q_heads as u32, s.batch as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: dq_bytes as u32,
+            })
+            .map_err(launch_err(dq_name))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! WGSL launchers for blockwise attention (`kernels-wgsl/blockwise.wgsl`).
+//!
+//! Every launcher records into the caller's encoder and returns; nothing is
+//! submitted, waited for or allocated beyond a small uniform buffer. `o`,
+//! `lse`, `delta`, `dq`, `dk`, `dv` are f32 tensors (offsets in f32 elements);
+//! `q`, `k`, `v`, `d_o` and the finalized `out` hold `dtype` elements. A
+//! tensor a launcher writes must not share its buffer with any other argument.
+
+use super::{check_lens, BlockParams, BlockShape, Mask};
+use crate::backend::wgpu::{WgpuBackend, WgpuTensor};
+use crate::dtype::DType;
+use crate::error::{ensure, Error, Result};
+
+const FILE: &str = "blockwise.wgsl";
+const SOURCE: &str = include_str!("../../kernels-wgsl/blockwise.wgsl");
+/// Threads per workgroup of every entry point.
+const WG: usize = 64;
+/// Query rows per workgroup (`BQ` of the kernel).
+const BQ: usize = 16;
+
+/// Keys per staged tile of `bw_forward` and `bw_backward_dq`: `bk * head_dim`
+/// f32s fit the kernel's 2048-float tile, at most `BK_MAX = 64`.
+fn tile_keys(head_dim: usize) -> usize {
+    (2048 / head_dim).min(64)
+}
+
+/// Keys per workgroup of `bw_backward_dkv`: K and V tiles of 1024 floats each, at most 16.
+fn dkv_tile_keys(head_dim: usize) -> usize {
+    (1024 / head_dim).min(16)
+}
+
+/// Mirrors `struct Params` of blockwise.wgsl (one struct for every entry point).
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    do_off: u32,
+    q_st: [u32; 3],
+    k_st: [u32; 3],
+    v_st: [u32; 3],
+    do_st: [u32; 3],
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    q_len: u32,
+    kv_len: u32,
+    q0: u32,
+    k0: u32,
+    causal: u32,
+    scale: f32,
+    accumulate: u32,
+    bk: u32,
+    o_off: u32,
+    lse_off: u32,
+    ob_off: u32,
+    lseb_off: u32,
+    delta_off: u32,
+    dq_off: u32,
+    dk_off: u32,
+    dv_off: u32,
+    out_off: u32,
+    rows: u32,
+    groups_x: u32,
+    pad: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Params>() == 160);
+
+fn u32_of(x: u64, arg: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
+}
+
+fn strides(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
+    Ok([u32_of(st[0] as u64, arg)?, u32_of(st[1] as u64, arg)?, u32_of(st[2] as u64, arg)?])
+}
+
+/// The shape fields of `Params` (sizes were validated to fit i32).
+fn shape_params(s: &BlockShape) -> Params {
+    Params {
+        batch: s.batch as u32,
+        q_heads: s.q_heads as u32,
+        kv_heads: s.kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        q_len: s.q_len as u32,
+        kv_len: s.kv_len as u32,
+        rows: s.lse_elems() as u32,
+        ..Params::default()
+    }
+}
+
+/// Shape, offsets, mask and the strides of the input-dtype tensors.
+fn block_params(p: &BlockParams) -> Result<Params> {
+    let l = &p.layout;
+    Ok(Params {
+        q_st: strides(&l.q, "q_strides")?,
+        k_st: strides(&l.k, "k_strides")?,
+        v_st: strides(&l.v, "v_strides")?,
+        do_st: strides(&l.o, "o_strides")?,
+        q0: p.q0 as u32,
+        k0: p.k0 as u32,
+        causal: (p.mask == Mask::Causal) as u32,
+        scale: p.scale,
+        ..shape_params(&p.shape)
+    })
+}
+
+/// Checks each tensor's buffer and returns its length in elements past the offset.
+fn lens(backend: &WgpuBackend, tensors: &[(&'static str, &WgpuTensor<'_>, u64)]) -> Result<Vec<usize>> {
+    tensors.iter().map(|(arg, t, es)| t.checked_len(arg, *es, backend.limits())).collect()
+}
+
+/// Refuses a written tensor that shares its buffer with another argument:
+/// wgpu cannot bind one buffer both read-only and writable in a dispatch, and
+/// two writable views of one buffer could overlap.
+fn check_buffers_distinct(tensors: &[(&'static str, &WgpuTensor<'_>, bool)]) -> Result<()> {
+    for (i, (a, ta, wa)) in tensors.iter().enumerate() {
+        for (b, tb, wb) in &tensors[i + 1..] {
+            if (*wa || *wb) && ta.buffer == tb.buffer {
+                let (w, other) = if *wa { (a, b) } else { (b, a) };
+                return Err(Error::invalid(*w, format!("shares its buffer with `{other}`")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn off(t: &WgpuTensor<'_>, arg: &str) -> Result<u32> {
+    u32_of(t.offset, arg)
+}
+
+/// Workgroups for one thread per item: `(x, y)` with `x * y * WG >= n`, `x` within the device limit.
+fn flat_groups(backend: &WgpuBackend, n: usize, arg: &'static str) -> Result<(u32, u32)> {
+    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
+    let groups = n.div_ceil(WG).max(1);
+    let x = groups.min(max);
+    let y = groups.div_ceil(x);
+    ensure(y <= max, arg, || format!("needs {groups} workgroups, more than this device dispatches"))?;
+    Ok((x as u32, y as u32))
+}
+
+fn check_grid(backend: &WgpuBackend, dims: [(usize, &'static str); 3]) -> Result<()> {
+    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
+    for (n, arg) in dims {
+        ensure(n <= max, arg, || format!("needs {n} workgroups along one axis, the device allows {max}"))?;
+    }
+    Ok(())
+}
+
+/// Records one dispatch of `entry` with `params` and the given bindings.
+fn dispatch(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    entry: &'static str,
+    dtype: DType,
+    params: &Params,
+    bindings: &[(u32, &wgpu::Buffer)],
+    groups: (u32, u32, u32),
+) -> Result<()> {
+    let pipeline = backend.pipeline(FILE, SOURCE, entry, dtype)?;
+    let uniform = backend.uniform(params);
+    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+    entries.extend(
+        bindings
+            .iter()
+            .map(|&(binding, buffer)| wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }),
+    );
+    let bind_group = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(entry),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    let mut pass =
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    Ok(())
+}
+
+/// Records the forward of one (Q block, KV block) pair: the normalised partial
+/// into f32 `o` `[B, Hq, q_len, D]` and its log-sum-exp into f32 `lse`
+/// `[B, Hq, q_len]` (`-inf` and 0 for rows that see no key). With `accumulate`
+/// the pair is merged into the running `(o, lse)` in place instead.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &BlockParams,
+    dtype: DType,
+    q: WgpuTensor<'_>,
+    k: WgpuTensor<'_>,
+    v: WgpuTensor<'_>,
+    o: WgpuTensor<'_>,
+    lse: WgpuTensor<'_>,
+    accumulate: bool,
+) -> Result<()> {
+    params.validate()?;
+    let es = dtype.size() as u64;
+    let have = lens(backend, &[("q", &q, es), ("k", &k, es), ("v", &v, es), ("o", &o, 4), ("lse", &lse, 4)])?;
+    check_lens(&params.forward_needs(), &have)?;
+    check_buffers_distinct(&[
+        ("q", &q, false),
+        ("k", &k, false),
+        ("v", &v, false),
+        ("o", &o, true),
+        ("lse", &lse, true),
+    ])?;
+    let s = &params.shape;
+    let tiles = s.q_len.div_ceil(BQ);
+    check_grid(backend, [(tiles, "q_len"), (s.q_heads, "q_heads"), (s.batch, "batch")])?;
+    let p = Params {
+        q_off: off(&q, "q")?,
+        k_off: off(&k, "k")?,
+        v_off: off(&v, "v")?,
+        o_off: off(&o, "o")?,
+        lse_off: off(&lse, "lse")?,
+        accumulate: accumulate as u32,
+        bk: tile_keys(s.head_dim) as u32,
+        ..block_params(params)?
+    };
+    let bindings = [(1, q.buffer), (2, k.buffer), (3, v.buffer), (5, o.buffer), (6, lse.buffer)];
+    dispatch(backend, encoder, "bw_forward", dtype, &p, &bindings, (tiles as u32, s.q_heads as u32, s.batch as u32))
+}
+
+/// Records the merge of the partial `(o_b, lse_b)` into `(o, lse)` in place
+/// (all f32, contiguous as `shape` says), stable when either side is `-inf`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &BlockShape,
+    o: WgpuTensor<'_>,
+    lse: WgpuTensor<'_>,
+    o_b: WgpuTensor<'_>,
+    lse_b: WgpuTensor<'_>,
+) -> Result<()> {
+    shape.validate()?;
+    let have = lens(backend, &[("o", &o, 4), ("lse", &lse, 4), ("o_b", &o_b, 4), ("lse_b", &lse_b, 4)])?;
+    check_lens(&shape.merge_needs(), &have)?;
+    check_buffers_distinct(&[("o", &o, true), ("lse", &lse, true), ("o_b", &o_b, false), ("lse_b", &lse_b, false)])?;
+    let (gx, gy) = flat_groups(backend, shape.lse_elems(), "shape")?;
+    let p = Params {
+        o_off: off(&o, "o")?,
+        lse_off: off(&lse, "lse")?,
+        ob_off: off(&o_b, "o_b")?,
+        lseb_off: off(&lse_b, "lse_b")?,
+        groups_x: gx,
+        ..shape_params(shape)
+    };
+    let bindings = [(5, o.buffer), (6, lse.buffer), (9, o_b.buffer), (10, lse_b.buffer)];
+    dispatch(backend, encoder, "bw_merge", DType::F32, &p, &bindings, (gx, gy, 1))
+}
+
+/// Records the cast of the final f32 `o` into `out` (`dtype`, strided as
+/// `params.layout.o`); rows whose `lse` is `-inf` become exactly 0.
+#[allow(clippy::too_many_arguments)]
+pub fn finalize(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &BlockParams,
+    dtype: DType,
+    o: WgpuTensor<'_>,
+    lse: WgpuTensor<'_>,
+    out: WgpuTensor<'_>,
+) -> Result<()> {
+    params.validate()?;
+    let have = lens(backend, &[("o", &o, 4), ("lse", &lse, 4), ("out", &out, dtype.size() as u64)])?;
+    check_lens(&params.finalize_needs(), &have)?;
+    check_buffers_distinct(&[("o", &o, false), ("lse", &lse, false), ("out", &out, true)])?;
+    let (gx, gy) = flat_groups(backend, params.shape.o_elems(), "shape")?;
+    let p = Params {
+        o_off: off(&o, "o")?,
+        lse_off: off(&lse, "lse")?,
+        out_off: off(&out, "out")?,
+        groups_x: gx,
+        ..block_params(params)?
+    };
+    let bindings = [(7, o.buffer), (8, lse.buffer), (16, out.buffer)];
+    dispatch(backend, encoder, "bw_finalize", dtype, &p, &bindings, (gx, gy, 1))
+}
+
+/// Records the backward pre-pass `delta = rowsum(d_o * o)` (f32 `delta` shaped like `lse`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_prepass(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &BlockParams,
+    dtype: DType,
+    o: WgpuTensor<'_>,
+    d_o: WgpuTensor<'_>,
+    delta: WgpuTensor<'_>,
+) -> Result<()> {
+    params.validate()?;
+    let have = lens(backend, &[("o", &o, 4), ("d_o", &d_o, dtype.size() as u64), ("delta", &delta, 4)])?;
+    check_lens(&params.prepass_needs(), &have)?;
+    check_buffers_distinct(&[("o", &o, false), ("d_o", &d_o, false), ("delta", &delta, true)])?;
+    let (gx, gy) = flat_groups(backend, params.shape.lse_elems(), "shape")?;
+    let p = Params {
+        o_off: off(&o, "o")?,
+        do_off: off(&d_o, "d_o")?,
+        delta_off: off(&delta, "delta")?,
+        groups_x: gx,
+        ..block_params(params)?
+    };
+    let bindings = [(4, d_o.buffer), (7, o.buffer), (11, delta.buffer)];
+    dispatch(backend, encoder, "bw_backward_prepass", dtype, &p, &bindings, (gx, gy, 1))
+}
+
+/// Records the backward of one pair given the final `lse`, `d_o` and `delta`
+/// (from [`backward_prepass`]), accumulating (`+=`) into f32 `dq`
+/// `[B, Hq, q_len, D]` and `dk`/`dv` `[B, Hkv, kv_len, D]`. Two dispatches:
+/// dK/dV per KV tile and dQ per Q tile, so no two workgroups write one element.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &BlockParams,
+    dtype: DType,
+    q: WgpuTensor<'_>,
+    k: WgpuTensor<'_>,
+    v: WgpuTensor<'_>,
+    d_o: WgpuTensor<'_>,
+    lse: WgpuTensor<'_>,
+    delta: WgpuTensor<'_>,
+    dq: WgpuTensor<'_>,
+    dk: WgpuTensor<'_>,
+    dv: WgpuTensor<'_>,
+) -> Result<()> {
+    params.validate()?;
+    let es = dtype.size() as u64;
+    let have = lens(
+        backend,
+        &[
+            ("q", &q, es),
+            ("k", &k, es),
+            ("v", &v, es),
+            ("d_o", &d_o, es),
+            ("lse", &lse, 4),
+            ("delta", &delta, 4),
+            ("dq", &dq, 4),
+            ("dk", &dk, 4),
+            ("dv", &dv, 4),
+        ],
+    )?;
+    check_lens(&params.backward_needs(), &have)?;
+    check_buffers_distinct(&[
+        ("q", &q, false),
+        ("k", &k, false),
+        ("v", &v, false),
+        ("d_o", &d_o, false),
+        ("lse", &lse, false),
+        ("delta", &delta, false),
+        ("dq", &dq, true),
+        ("dk", &dk, true),
+        ("dv", &dv, true),
+    ])?;
+    let s = &params.shape;
+    let (q_tiles, kv_tiles) = (s.q_len.div_ceil(BQ), s.kv_len.div_ceil(dkv_tile_keys(s.head_dim)));
+    check_grid(backend, [(q_tiles, "q_len"), (s.q_heads, "q_heads"), (s.batch, "batch")])?;
+    check_grid(backend, [(kv_tiles, "kv_len"), (s.kv_heads, "kv_heads"), (s.batch, "batch")])?;
+    let base = Params {
+        q_off: off(&q, "q")?,
+        k_off: off(&k, "k")?,
+        v_off: off(&v, "v")?,
+        do_off: off(&d_o, "d_o")?,
+        lse_off: off(&lse, "lse")?,
+        delta_off: off(&delta, "delta")?,
+        dq_off: off(&dq, "dq")?,
+        dk_off: off(&dk, "dk")?,
+        dv_off: off(&dv, "dv")?,
+        ..block_params(params)?
+    };
+    let inputs = [(1, q.buffer), (2, k.buffer), (3, v.buffer), (4, d_o.buffer), (8, lse.buffer), (12, delta.buffer)];
+    let dkv = Params { bk: dkv_tile_keys(s.head_dim) as u32, ..base };
+    let mut bindings = inputs.to_vec();
+    bindings.extend([(14, dk.buffer), (15, dv.buffer)]);
+    dispatch(
+        backend,
+        encoder,
+        "bw_backward_dkv",
+        dtype,
+        &dkv,
+        &bindings,
+        (kv_tiles as u32, s.kv_heads as u32, s.batch as u32),
+    )?;
+    let dqp = Params { bk: tile_keys(s.head_dim) as u32, ..base };
+    let mut bindings = inputs.to_vec();
+    bindings.push((13, dq.buffer));
+    dispatch(
+        backend,
+        encoder,
+        "bw_backward_dq",
+        dtype,
+        &dqp,
+        &bindings,
+        (q_tiles as u32, s.q_heads as u32, s.batch as u32),
+    )
+}
