@@ -10,6 +10,7 @@ pub mod error;
 #[cfg(feature = "eval")]
 pub mod eval;
 pub mod host;
+pub mod ring;
 pub mod sparq;
 pub mod topk;
 

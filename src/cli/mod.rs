@@ -6,12 +6,14 @@ mod blockwise;
 pub mod crosslayer;
 mod decode;
 pub mod eval;
+mod ring;
 mod sparq;
 mod table;
 mod topk;
 
 use clap::Args;
 use frugal_attn::backend::{self, Backend, BackendKind};
+use frugal_attn::ring::RingLayout;
 use frugal_attn::sparq::GqaMode;
 use frugal_attn::{DType, Error, Result};
 use std::time::Instant;
@@ -19,7 +21,7 @@ use table::Table;
 
 /// Every technique the CLI knows, in report order. A new technique adds one line here.
 pub const TECHNIQUES: &[&dyn Technique] =
-    &[&decode::Decode, &sparq::Sparq, &topk::Topk, &blockwise::Blockwise, &crosslayer::CrossLayer];
+    &[&decode::Decode, &sparq::Sparq, &topk::Topk, &blockwise::Blockwise, &ring::Ring, &crosslayer::CrossLayer];
 
 /// Seconds of timed launches to aim for when no `--iters` is given.
 const TARGET_SECS: f64 = 0.5;
@@ -83,10 +85,16 @@ pub struct CaseArgs {
     pub no_mean: bool,
     #[command(flatten)]
     pub crosslayer: crosslayer::CrossLayerArgs,
-    /// Blockwise: the causal mask (the diagonal block, q0 = k0 = 0)
+    /// Ring: ranks the sequence is split over [default: 4]
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Ring: how tokens are spread over the ranks, contiguous, zigzag or stripe
+    #[arg(long, default_value_t = RingLayout::Zigzag)]
+    pub layout: RingLayout,
+    /// Blockwise, ring: the causal mask (blockwise: the diagonal block, q0 = k0 = 0)
     #[arg(long)]
     pub causal: bool,
-    /// Blockwise: check and time the backward (pre-pass + dQ/dK/dV) instead of the forward
+    /// Blockwise, ring: check and time the backward too (pre-pass + dQ/dK/dV)
     #[arg(long)]
     pub backward: bool,
 }
@@ -110,6 +118,8 @@ impl Default for CaseArgs {
             gqa: GqaMode::Shared,
             no_mean: false,
             crosslayer: Default::default(),
+            ranks: None,
+            layout: RingLayout::Zigzag,
             causal: false,
             backward: false,
         }
@@ -288,6 +298,11 @@ pub fn report() -> Result<bool> {
                         fmt_secs(secs),
                         fmt_gbps(case.bytes(), secs),
                     ]);
+                }
+                // A technique without a transport for this backend yet is skipped, not failed.
+                Err(Error::BackendUnavailable { reason, .. }) => {
+                    notes.push(format!("{} on {}: skipped ({reason})", t.name(), b.kind()));
+                    row.extend(["-".into(), "skipped".into(), "-".into(), "-".into()]);
                 }
                 Err(e) => {
                     ok = false;

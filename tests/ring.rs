@@ -1,0 +1,232 @@
+//! Ring attention: the schedule as data, shard/unshard, and the ring forward
+//! and its gradients against dense attention by the f64 reference, on every
+//! backend's transport.
+
+mod common;
+
+use frugal_attn::blockwise::Mask;
+use frugal_attn::host::{rel_l2, Rng};
+use frugal_attn::ring::run::{self, RingInputs};
+use frugal_attn::ring::{RingLayout, RingParams, RingPlan};
+use frugal_attn::{Backend, DType};
+
+const RANKS: [usize; 5] = [1, 2, 3, 4, 8];
+
+/// A sequence length each layout can split over `n` ranks, never a multiple of
+/// anything convenient: zigzag needs `2N | S`; contiguous gets a short last
+/// block; stripe an uneven split.
+fn seq_for(layout: RingLayout, n: usize) -> usize {
+    match layout {
+        RingLayout::Zigzag => 6 * n,
+        RingLayout::Contiguous => 3 * n - 1 + usize::from(n == 1),
+        RingLayout::Stripe => 3 * n + 1,
+    }
+}
+
+struct Case {
+    ranks: usize,
+    seq: usize,
+    layout: RingLayout,
+    causal: bool,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+}
+
+fn check(b: &Backend, c: &Case, seed: u64) {
+    let plan = RingPlan::new(c.ranks, c.seq, c.layout, c.causal).unwrap();
+    let p = RingParams::new(c.batch, c.q_heads, c.kv_heads, c.head_dim, plan);
+    let x = RingInputs::random(&p, c.dtype, &mut Rng::new(seed));
+    let want = run::reference(&p, &x, true).unwrap();
+    let got = match run::run(b, &p, &x, true) {
+        Ok(got) => got,
+        // The wgpu and CUDA transports wait for the blockwise GPU launchers.
+        Err(e @ frugal_attn::Error::BackendUnavailable { .. }) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED ring on {}: {e}", b.kind());
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let what = format!("N={} S={} {} causal={} {}", c.ranks, c.seq, c.layout, c.causal, c.dtype);
+    let tol = c.dtype.tolerance();
+    let (g, w) = (got.grads.as_ref().unwrap(), want.grads.as_ref().unwrap());
+    for (name, got, want) in [
+        ("out", &got.out, &want.out),
+        ("lse", &got.lse, &want.lse),
+        ("dq", &g.dq, &w.dq),
+        ("dk", &g.dk, &w.dk),
+        ("dv", &g.dv, &w.dv),
+    ] {
+        let err = rel_l2(got, want);
+        assert!(err <= tol, "{what}: {name} rel err {err:e} > {tol:e}");
+    }
+}
+
+fn every_rank_count_layout_and_mask(b: &Backend) {
+    let mut seed = 0;
+    for ranks in RANKS {
+        for layout in RingLayout::ALL {
+            for causal in [false, true] {
+                seed += 1;
+                let seq = seq_for(layout, ranks);
+                let c = Case {
+                    ranks,
+                    seq,
+                    layout,
+                    causal,
+                    batch: 1,
+                    q_heads: 2,
+                    kv_heads: 1,
+                    head_dim: 16,
+                    dtype: DType::F32,
+                };
+                check(b, &c, seed);
+            }
+        }
+    }
+}
+
+fn gqa_batches_and_dtypes(b: &Backend) {
+    let cases = [
+        (3, RingLayout::Zigzag, 2, 4, 4, 64, DType::F32),
+        (4, RingLayout::Stripe, 2, 7, 1, 80, DType::F16),
+        (3, RingLayout::Contiguous, 1, 8, 2, 24, DType::Bf16),
+        (2, RingLayout::Zigzag, 1, 4, 1, 96, DType::F16),
+    ];
+    for (i, (ranks, layout, batch, q_heads, kv_heads, head_dim, dtype)) in cases.into_iter().enumerate() {
+        let seq = seq_for(layout, ranks);
+        let c = Case { ranks, seq, layout, causal: true, batch, q_heads, kv_heads, head_dim, dtype };
+        check(b, &c, 100 + i as u64);
+    }
+}
+
+fn bad_input(b: &Backend) {
+    let plan = RingPlan::new(2, 8, RingLayout::Zigzag, true).unwrap();
+    let p = RingParams::new(1, 3, 2, 16, plan);
+    let x = RingInputs::random(&RingParams { q_heads: 2, ..p }, DType::F32, &mut Rng::new(1));
+    assert_eq!(run::run(b, &p, &x, false).unwrap_err().argument(), Some("q_heads"));
+    let p = RingParams { q_heads: 2, ..p };
+    let mut short = x.clone();
+    short.k = frugal_attn::host::HostData::random(DType::F32, p.kv_elems() - 1, &mut Rng::new(2));
+    assert_eq!(run::run(b, &p, &short, false).unwrap_err().argument(), Some("k"));
+    let mut mixed = x.clone();
+    mixed.v = frugal_attn::host::HostData::random(DType::F16, p.kv_elems(), &mut Rng::new(3));
+    assert_eq!(run::run(b, &p, &mixed, true).unwrap_err().argument(), Some("v"));
+}
+
+backend_tests!(every_rank_count_layout_and_mask, gqa_batches_and_dtypes, bad_input);
+
+#[test]
+fn a_layout_that_cannot_split_the_sequence_is_a_named_error() {
+    let err = |n, s, l| RingPlan::new(n, s, l, true).unwrap_err();
+    assert_eq!(err(4, 12, RingLayout::Zigzag).argument(), Some("seq_len"));
+    assert_eq!(err(3, 7, RingLayout::Zigzag).argument(), Some("seq_len"));
+    // ceil(9 / 4) = 3 tokens per block leaves rank 3 nothing.
+    assert_eq!(err(4, 9, RingLayout::Contiguous).argument(), Some("seq_len"));
+    assert_eq!(err(8, 7, RingLayout::Stripe).argument(), Some("seq_len"));
+    assert_eq!(err(0, 8, RingLayout::Stripe).argument(), Some("ranks"));
+    assert_eq!(err(2, 0, RingLayout::Contiguous).argument(), Some("seq_len"));
+    let plan = RingPlan::new(2, 8, RingLayout::Stripe, true).unwrap();
+    assert_eq!(plan.shard(&[0u8; 15], 1, 2).unwrap_err().argument(), Some("x"));
+    assert_eq!(plan.unshard(&[vec![0u8; 8]], 1, 2).unwrap_err().argument(), Some("shards"));
+}
+
+#[test]
+fn shard_and_unshard_round_trip_and_cover_every_token_once() {
+    for ranks in RANKS {
+        for layout in RingLayout::ALL {
+            for seq in [seq_for(layout, ranks), 2 * seq_for(layout, ranks)] {
+                let plan = RingPlan::new(ranks, seq, layout, true).unwrap();
+                let (outer, row) = (3, 2);
+                let x: Vec<u32> = (0..(outer * seq * row) as u32).collect();
+                let shards = plan.shard(&x, outer, row).unwrap();
+                assert_eq!(plan.unshard(&shards, outer, row).unwrap(), x, "{layout} N={ranks} S={seq}");
+                let mut seen = vec![0; seq];
+                for r in 0..ranks {
+                    assert!(plan.rank_len(r) >= 1);
+                    for i in 0..plan.rank_len(r) {
+                        seen[plan.global_position(r, i)] += 1;
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{layout} N={ranks} S={seq}: {seen:?}");
+            }
+        }
+    }
+    // The layouts' definitions.
+    let z = RingPlan::new(3, 12, RingLayout::Zigzag, true).unwrap();
+    assert_eq!((0..4).map(|i| z.global_position(1, i)).collect::<Vec<_>>(), [2, 3, 8, 9]);
+    let s = RingPlan::new(3, 8, RingLayout::Stripe, true).unwrap();
+    assert_eq!((0..s.rank_len(2)).map(|i| s.global_position(2, i)).collect::<Vec<_>>(), [2, 5]);
+    let c = RingPlan::new(3, 8, RingLayout::Contiguous, true).unwrap();
+    assert_eq!([c.rank_len(0), c.rank_len(1), c.rank_len(2)], [3, 3, 2]);
+}
+
+#[test]
+fn every_step_holds_the_block_from_rank_minus_step() {
+    for ranks in RANKS {
+        let plan = RingPlan::new(ranks, 2 * ranks, RingLayout::Zigzag, false).unwrap();
+        for r in 0..ranks {
+            let sources: Vec<usize> = (0..ranks).map(|t| plan.step(t, r).source).collect();
+            let want: Vec<usize> = (0..ranks).map(|t| (r + ranks - t) % ranks).collect();
+            assert_eq!(sources, want);
+            // Without a mask every pair is computed in full.
+            assert!((0..ranks).all(|t| plan.step(t, r).parts.iter().all(|p| p.mask == Mask::None)));
+            assert!((0..ranks).all(|t| plan.step(t, r).parts.len() == 4));
+        }
+    }
+}
+
+/// The zigzag pattern of the issue: step 0 is causal on the local chunks; for
+/// `1 <= s <= rank` all of Q against the first half of the KV; for `s > rank`
+/// the second half of Q against all of the KV; each in full.
+#[test]
+fn zigzag_schedule_is_balanced() {
+    for ranks in RANKS {
+        let c = 3;
+        let plan = RingPlan::new(ranks, 2 * ranks * c, RingLayout::Zigzag, true).unwrap();
+        for r in 0..ranks {
+            let pairs = |t: usize| -> Vec<(usize, usize, Mask)> {
+                plan.step(t, r).parts.iter().map(|p| (p.q_seg, p.kv_seg, p.mask)).collect()
+            };
+            assert_eq!(pairs(0), [(0, 0, Mask::Causal), (1, 0, Mask::None), (1, 1, Mask::Causal)], "rank {r}");
+            for t in 1..ranks {
+                let want = if t <= r {
+                    vec![(0, 0, Mask::None), (1, 0, Mask::None)]
+                } else {
+                    vec![(1, 0, Mask::None), (1, 1, Mask::None)]
+                };
+                assert_eq!(pairs(t), want, "rank {r} step {t}");
+                let rows: usize = plan.step(t, r).parts.iter().map(|p| p.q_len * p.kv_len).sum();
+                assert_eq!(rows, 2 * c * c, "every step after the first does the same work");
+            }
+            // The causal diagonal carries the global offsets of the two chunks.
+            let d = plan.step(0, r).parts[2];
+            assert_eq!((d.q0, d.k0), ((2 * ranks - 1 - r) * c, (2 * ranks - 1 - r) * c));
+        }
+    }
+}
+
+#[test]
+fn stripe_and_contiguous_schedules() {
+    let n = 4;
+    let stripe = RingPlan::new(n, 4 * n + 3, RingLayout::Stripe, true).unwrap();
+    let contiguous = RingPlan::new(n, 4 * n + 3, RingLayout::Contiguous, true).unwrap();
+    for r in 0..n {
+        for t in 0..n {
+            let st = stripe.step(t, r);
+            assert_eq!(st.parts.len(), 1);
+            let p = st.parts[0];
+            // Key j of rank s sits at j*N + s: visible iff j < i, or j == i and s <= r.
+            assert_eq!((p.mask, p.q0, p.k0), (Mask::Causal, 0, usize::from(st.source > r)));
+            let ct = contiguous.step(t, r);
+            match ct.source.cmp(&r) {
+                std::cmp::Ordering::Less => assert_eq!(ct.parts[0].mask, Mask::None),
+                std::cmp::Ordering::Equal => assert_eq!(ct.parts[0].mask, Mask::Causal),
+                std::cmp::Ordering::Greater => assert!(ct.parts.is_empty()),
+            }
+        }
+    }
+}
