@@ -6,6 +6,8 @@ use frugal_attn::sparq::GqaMode;
 use frugal_attn::Result;
 use std::path::PathBuf;
 
+// Without the feature only the message below reads these.
+#[cfg_attr(not(feature = "eval"), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EvalMethod {
     Dense,
@@ -16,6 +18,7 @@ pub enum EvalMethod {
     All,
 }
 
+#[cfg_attr(not(feature = "eval"), allow(dead_code))]
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
     /// The GGUF file [default: the model cache that scripts/fetch_smollm2.sh fills]
