@@ -1,5 +1,7 @@
 mod common;
 
+use common::skip_on_gl;
+
 use frugal_attn::blockwise::reference::{self, Partial};
 use frugal_attn::blockwise::run::{self, BlockInputs, Grads32, State};
 use frugal_attn::blockwise::{BlockLayout, BlockParams, BlockShape, Mask};
@@ -8,20 +10,6 @@ use frugal_attn::{Backend, DType, Error};
 
 fn shape(batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, q_len: usize, kv_len: usize) -> BlockShape {
     BlockShape { batch, q_heads, kv_heads, head_dim, q_len, kv_len }
-}
-
-/// The forward and backward kernels run pathologically slowly on Mesa's GL
-/// backend (minutes for a few small launches; lavapipe takes a second): those
-/// bodies are skipped there, loudly, until that is understood.
-fn skip_on_gl(backend: &Backend, test: &str) -> bool {
-    use std::io::Write;
-    match backend {
-        Backend::Wgpu(w) if w.info().backend == wgpu::Backend::Gl => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test} on wgpu GL: the blockwise kernels are too slow there");
-            true
-        }
-        _ => false,
-    }
 }
 
 fn to_f64(x: &[f32]) -> Vec<f64> {

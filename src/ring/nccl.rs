@@ -154,7 +154,7 @@ impl<T: Element + NcclType> NcclRing<T> {
         let recv_n = p.kv_shard_elems(p.plan.source(t + 1, r));
         let (now, slot) = (t % 2, (t + 1) % 2);
         group_start().map_err(nccl_err)?;
-        let res = (|| {
+        let res: Result<()> = (|| {
             let comm = &self.comm;
             if kv {
                 let (k, v) = if t == 0 { (&self.k, &self.v) } else { (&self.k_in[now], &self.v_in[now]) };
