@@ -14,7 +14,8 @@ pub enum EvalMethod {
     Sparq,
     Window,
     H2o,
-    /// dense, then SparQ, window and H2O at 1/2, 1/4 and 1/8 of dense traffic
+    /// dense, then SparQ (with and without reallocation to the mean), window
+    /// and H2O at 1/2, 1/4 and 1/8 of dense traffic
     All,
 }
 
@@ -35,13 +36,17 @@ pub struct EvalArgs {
     /// SparQ: positions attended exactly (with --r)
     #[arg(long, requires = "r")]
     pub k: Option<usize>,
-    /// Fraction of dense KV traffic at every position: SparQ r = F*D, k = (F - r/2D)*len;
-    /// the baselines keep F*len positions
+    /// Fraction of dense KV traffic at every scored position: SparQ r = F*D,
+    /// k = (F - r/2D)*len; the baselines keep F*len positions
     #[arg(long, default_value_t = 0.125)]
     pub fraction: f64,
-    /// Tokens of the text to use (from its start)
+    /// Tokens of the text prefilled with dense attention before scoring starts
+    /// (the context every scored token attends over, as after a prompt); 0: none
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
+    /// Tokens scored after the context, each attending with the method
+    #[arg(long, default_value_t = 512)]
+    pub score: usize,
     /// SparQ: GQA selection mode, shared or per-head
     #[arg(long, default_value_t = GqaMode::Shared)]
     pub gqa: GqaMode,
@@ -77,10 +82,14 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
     let model = Model::load(&path)?;
     let tok = eval::tokenizer::from_gguf(&model.content)?;
     let mut ids = eval::tokenizer::encode(&tok, &text)?;
-    if ids.len() < a.context {
-        eprintln!("note: the text has {} tokens, fewer than --context {}", ids.len(), a.context);
+    let want = a.context + a.score.max(2);
+    if ids.len() < want {
+        return Err(Error::invalid(
+            "text",
+            format!("{} tokens; --context {} and --score {} need {want}", ids.len(), a.context, a.score.max(2)),
+        ));
     }
-    ids.truncate(a.context);
+    ids.truncate(want);
     let knobs = SparqKnobs { gqa: a.gqa, local_fraction: a.local_fraction, reallocate_to_mean: !a.no_mean };
     let sparq_budget = |f: f64| match (a.r, a.k) {
         (Some(r), Some(k)) => SparqBudget::Fixed { r, k },
@@ -93,23 +102,36 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
         EvalMethod::H2o => vec![Method::H2o(a.fraction)],
         EvalMethod::All => [0.5, 0.25, 0.125]
             .into_iter()
-            .flat_map(|f| [Method::Sparq(sparq_budget(f), knobs), Method::Window(f), Method::H2o(f)])
+            .flat_map(|f| {
+                let no_mean = SparqKnobs { reallocate_to_mean: false, ..knobs };
+                let sparq = [Method::Sparq(sparq_budget(f), knobs), Method::Sparq(sparq_budget(f), no_mean)];
+                let sparq = if knobs.reallocate_to_mean { &sparq[..] } else { &sparq[1..] };
+                sparq.iter().copied().chain([Method::Window(f), Method::H2o(f)]).collect::<Vec<_>>()
+            })
             .collect(),
     };
     println!(
-        "SmolLM2-135M, {} tokens of {}, attention on the CPU (f64 reference launchers); \
-         traffic = KV-cache bytes read / dense, over all positions and layers",
-        ids.len(),
-        a.text.display()
+        "SmolLM2-135M, {}: {} tokens of dense context, then {} tokens scored (perplexity of their \
+         next tokens), attention on the CPU (f64 reference launchers); \
+         traffic = KV-cache bytes read / dense, over the scored positions and all layers",
+        a.text.display(),
+        a.context,
+        ids.len() - a.context
     );
     let tty = std::io::stderr().is_terminal();
+    let show = move |m: &dyn std::fmt::Display, done: usize, all: usize| {
+        if tty {
+            eprint!("\r{m}: layer {done}/{all}  ");
+        }
+    };
+    let start = std::time::Instant::now();
+    let past = eval::prefill(&model, &ids[..a.context], |done, all| show(&"prefill", done, all))?;
+    if tty {
+        eprintln!("\rprefill: {:.1} s          ", start.elapsed().as_secs_f64());
+    }
     let run = |m: Method| {
         let start = std::time::Instant::now();
-        let e = eval::evaluate(&model, &ids, m, |done, all| {
-            if tty {
-                eprint!("\r{m}: layer {done}/{all}  ");
-            }
-        })?;
+        let e = eval::evaluate(&model, &past, &ids, m, |done, all| show(&m, done, all))?;
         if tty {
             eprintln!("\r{m}: {:.1} s          ", start.elapsed().as_secs_f64());
         }

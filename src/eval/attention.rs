@@ -1,5 +1,5 @@
-//! The attention of one layer for every position of a text, each position `t`
-//! seeing keys `0..=t` exactly as decode would: dense (this crate's decode
+//! The attention of one layer for every new position `t` of a text (`start..n`
+//! of [`LayerQkv`]), each seeing keys `0..=t` exactly as decode would: dense (this crate's decode
 //! reference), SparQ (this crate's SparQ CPU launcher), and two cache-eviction
 //! baselines at the same KV budget, written here because they are baselines,
 //! not kernels: StreamingLLM's sink tokens plus a sliding window, and H2O's
@@ -41,18 +41,19 @@ fn dense_bytes(h: &Heads, len: usize) -> u64 {
     (h.kv_heads * 2 * len * h.head_dim * 4) as u64
 }
 
-/// Dense attention for every position through `decode::reference::decode_into`:
+/// Dense attention for every new position through `decode::reference::decode_into`:
 /// one batch entry per query position, all sharing the layer's cache (batch stride 0).
 pub fn dense(h: &Heads, x: &LayerQkv<'_>, traffic: &mut Traffic) -> Result<Vec<f32>> {
     let (n, d) = (x.n, h.head_dim);
-    let shape = DecodeShape { batch: n, q_heads: h.q_heads, kv_heads: h.kv_heads, head_dim: d, capacity: n };
+    let m = n - x.start;
+    let shape = DecodeShape { batch: m, q_heads: h.q_heads, kv_heads: h.kv_heads, head_dim: d, capacity: n };
     let kv = [0, n * d, d];
     let layout = DecodeLayout { q: [h.q_heads * d, d], k: kv, v: kv, o: [h.q_heads * d, d] };
     let p = DecodeParams::new(shape).with_layout(layout);
-    let lens: Vec<u32> = (1..=n as u32).collect();
-    let mut out = vec![0f32; n * h.q_heads * d];
+    let lens: Vec<u32> = (x.start as u32 + 1..=n as u32).collect();
+    let mut out = vec![0f32; m * h.q_heads * d];
     decode::reference::decode_into(&p, x.q, x.k, x.v, &lens, &mut out)?;
-    for len in 1..=n {
+    for len in x.start + 1..=n {
         let b = dense_bytes(h, len);
         traffic.method += b;
         traffic.dense += b;
@@ -99,7 +100,7 @@ pub struct SparqKnobs {
     pub reallocate_to_mean: bool,
 }
 
-/// SparQ at every position through the crate's CPU launcher
+/// SparQ at every new position through the crate's CPU launcher
 /// (`sparq::reference::sparq_into`), one step per position on the layer's cache.
 pub fn sparq(
     h: &Heads,
@@ -110,8 +111,8 @@ pub fn sparq(
 ) -> Result<Vec<f32>> {
     let (n, d, hq) = (x.n, h.head_dim, h.q_heads);
     let cache = SparqCacheShape { batch: 1, kv_heads: h.kv_heads, head_dim: d, capacity: n };
-    let mut out = vec![0f32; n * hq * d];
-    for t in 0..n {
+    let mut out = vec![0f32; (n - x.start) * hq * d];
+    for (i, t) in (x.start..n).enumerate() {
         let len = t + 1;
         let k = budget.k(d, len);
         let mut cfg = SparqConfig::new(budget.r(d), k);
@@ -121,8 +122,8 @@ pub fn sparq(
         let p = SparqParams::new(cache, hq, cfg);
         let lens = [len as u32];
         let c = HostCache { k: x.k, v: x.v, seq_lens: &lens };
-        let q = &x.q[t * hq * d..][..hq * d];
-        sparq::reference::sparq_into(&p, q, &c, &mut out[t * hq * d..][..hq * d])?;
+        let q = &x.q[i * hq * d..][..hq * d];
+        sparq::reference::sparq_into(&p, q, &c, &mut out[i * hq * d..][..hq * d])?;
         let (s, dn) = sparq::bytes_model(&p, &lens, DType::F32);
         traffic.method += s;
         traffic.dense += dn;
@@ -165,9 +166,9 @@ fn attend_subset(q: &[f32], k: &[f32], v: &[f32], d: usize, keep: &[usize], prob
 pub fn window(h: &Heads, x: &LayerQkv<'_>, f: f64, traffic: &mut Traffic) -> Result<Vec<f32>> {
     let (n, d, hq) = (x.n, h.head_dim, h.q_heads);
     let groups = hq / h.kv_heads;
-    let mut out = vec![0f32; n * hq * d];
+    let mut out = vec![0f32; (n - x.start) * hq * d];
     let (mut keep, mut probs) = (Vec::new(), Vec::new());
-    for t in 0..n {
+    for (i, t) in (x.start..n).enumerate() {
         let len = t + 1;
         let b = budget(f, len);
         let recent = b.saturating_sub(SINKS).max(1);
@@ -178,8 +179,8 @@ pub fn window(h: &Heads, x: &LayerQkv<'_>, f: f64, traffic: &mut Traffic) -> Res
         for hh in 0..hq {
             let g = hh / groups;
             let kv = g * n * d..(g + 1) * n * d;
-            let o = &mut out[(t * hq + hh) * d..][..d];
-            attend_subset(&x.q[(t * hq + hh) * d..][..d], &x.k[kv.clone()], &x.v[kv], d, &keep, &mut probs, o);
+            let o = &mut out[(i * hq + hh) * d..][..d];
+            attend_subset(&x.q[(i * hq + hh) * d..][..d], &x.k[kv.clone()], &x.v[kv], d, &keep, &mut probs, o);
         }
         traffic.method += (h.kv_heads * 2 * b * d * 4) as u64;
         traffic.dense += dense_bytes(h, len);
@@ -191,17 +192,28 @@ pub fn window(h: &Heads, x: &LayerQkv<'_>, f: f64, traffic: &mut Traffic) -> Res
 /// most recent, the rest the heavy hitters by attention probability accumulated
 /// (over the group's query heads) since each entered; the token evicted is the
 /// lightest outside the recent half, and an evicted token never comes back.
+/// Past positions attended densely (a prefill) add their whole attention rows
+/// to the scores, as H2O's prefill does, and the cache is cut to budget at the
+/// first new position.
 pub fn h2o(h: &Heads, x: &LayerQkv<'_>, f: f64, traffic: &mut Traffic) -> Result<Vec<f32>> {
     let (n, d, hq) = (x.n, h.head_dim, h.q_heads);
     let groups = hq / h.kv_heads;
-    let mut out = vec![0f32; n * hq * d];
-    let mut probs = Vec::new();
+    let mut out = vec![0f32; (n - x.start) * hq * d];
+    let (mut probs, mut scratch) = (Vec::new(), vec![0f32; d]);
     for g in 0..h.kv_heads {
         let kv = g * n * d..(g + 1) * n * d;
         let (k, v) = (&x.k[kv.clone()], &x.v[kv]);
-        let mut kept: Vec<usize> = Vec::new();
+        let mut kept: Vec<usize> = (0..x.start).collect();
         let mut score = vec![0f64; n];
-        for t in 0..n {
+        for t in 0..x.start {
+            for hh in g * groups..(g + 1) * groups {
+                attend_subset(&x.q_past[(t * hq + hh) * d..][..d], k, v, d, &kept[..=t], &mut probs, &mut scratch);
+                for (s, p) in score.iter_mut().zip(&probs) {
+                    *s += p;
+                }
+            }
+        }
+        for (i, t) in (x.start..n).enumerate() {
             let len = t + 1;
             let b = budget(f, len);
             let recent = b.div_ceil(2);
@@ -221,15 +233,15 @@ pub fn h2o(h: &Heads, x: &LayerQkv<'_>, f: f64, traffic: &mut Traffic) -> Result
                 };
             }
             for hh in g * groups..(g + 1) * groups {
-                let o = &mut out[(t * hq + hh) * d..][..d];
-                attend_subset(&x.q[(t * hq + hh) * d..][..d], k, v, d, &kept, &mut probs, o);
+                let o = &mut out[(i * hq + hh) * d..][..d];
+                attend_subset(&x.q[(i * hq + hh) * d..][..d], k, v, d, &kept, &mut probs, o);
                 for (&j, p) in kept.iter().zip(&probs) {
                     score[j] += p;
                 }
             }
         }
     }
-    for len in 1..=n {
+    for len in x.start + 1..=n {
         traffic.method += (h.kv_heads * 2 * budget(f, len) * d * 4) as u64;
         traffic.dense += dense_bytes(h, len);
     }

@@ -12,7 +12,7 @@ pub mod tokenizer;
 use crate::error::{Error, Result};
 use crate::sparq::GqaMode;
 use attention::{Heads, SparqBudget, SparqKnobs, Traffic};
-pub use model::Model;
+pub use model::{Model, Past};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -95,7 +95,7 @@ fn fraction_name(x: f64) -> String {
 #[derive(Debug, Clone)]
 pub struct Evaluation {
     pub method: Method,
-    /// Log-probability of each next token (`tokens - 1` of them).
+    /// Log-probability of each scored position's next token.
     pub logp: Vec<f64>,
     /// The model's arg-max next token at each position.
     pub argmax: Vec<u32>,
@@ -114,17 +114,40 @@ impl Evaluation {
     }
 }
 
-/// Runs `ids` through `model` with `method` as every layer's attention.
+/// Dense attention over `ids`: the prefix every method continues from, as a
+/// serving engine's prefill fills the cache before sparse decode starts.
+pub fn prefill(model: &Model, ids: &[u32], progress: impl FnMut(usize, usize)) -> Result<Past> {
+    if ids.is_empty() {
+        return Ok(Past::default());
+    }
+    Ok(run(model, ids, None, Method::Dense, progress)?.0)
+}
+
+/// Runs the tokens of `ids` after `past` (a prefix of `ids` from [`prefill`];
+/// empty: from the first token) through `model` with `method` as every layer's
+/// attention, and scores each of them but the last by its next token.
 /// `progress` is called with (layers done, layers).
 pub fn evaluate(
     model: &Model,
+    past: &Past,
     ids: &[u32],
     method: Method,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Evaluation> {
-    if ids.len() < 2 {
-        return Err(Error::invalid("text", format!("{} tokens; at least 2 are needed", ids.len())));
+    let past = (!past.is_empty()).then_some(past);
+    if ids.len() < past.map_or(0, |p| p.len()) + 2 {
+        return Err(Error::invalid("text", format!("{} tokens; at least 2 after the prefix are needed", ids.len())));
     }
+    run(model, ids, past, method, progress).map(|(_, e)| e)
+}
+
+fn run(
+    model: &Model,
+    ids: &[u32],
+    past: Option<&Past>,
+    method: Method,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(Past, Evaluation)> {
     let c = model.config;
     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab) {
         return Err(Error::invalid("text", format!("token {bad} is outside the vocabulary of {}", c.vocab)));
@@ -137,8 +160,9 @@ pub fn evaluate(
     }
     let heads = Heads { q_heads: c.q_heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
     let mut traffic = Traffic::default();
-    let (logp, argmax) = model.score(
+    let scored = model.forward(
         ids,
+        past,
         |x| match method {
             Method::Dense => attention::dense(&heads, x, &mut traffic),
             Method::Sparq(b, k) => attention::sparq(&heads, x, b, k, &mut traffic),
@@ -147,7 +171,8 @@ pub fn evaluate(
         },
         |done| progress(done, c.layers),
     )?;
-    Ok(Evaluation { method, logp, argmax, traffic })
+    let e = Evaluation { method, logp: scored.logp, argmax: scored.argmax, traffic };
+    Ok((scored.past, e))
 }
 
 /// The table's header: mode, traffic fraction, perplexity, change vs dense, top-1 agreement.

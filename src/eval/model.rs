@@ -2,9 +2,11 @@
 //! by candle, the forward pass built from candle's ops, and the attention of
 //! every layer handed to a caller-supplied function (this crate's kernels).
 //!
-//! The whole text runs layer by layer: per layer, Q, K and V for every
-//! position, then each position's attention over keys `0..=t` by the caller.
-//! Causality makes this exactly what token-by-token decode computes.
+//! The text runs layer by layer: per layer, Q, K and V for every new position,
+//! then each new position's attention over keys `0..=t` by the caller.
+//! Causality makes this exactly what token-by-token decode computes. A
+//! [`Past`] (the per-layer Q, K and V of a prefix, e.g. a dense prefill) lets
+//! several methods continue from the same prefix without recomputing it.
 
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Content;
@@ -42,16 +44,60 @@ struct Layer {
     down: Tensor,
 }
 
-/// What one layer hands to the attention: row-major f32 arrays for `n` positions.
+/// What one layer hands to the attention: row-major f32 arrays; positions
+/// `start..n` are new and need their attention, `0..start` come from a [`Past`].
 pub struct LayerQkv<'a> {
     pub layer: usize,
     pub n: usize,
-    /// `[n, q_heads, head_dim]`, RoPE applied.
+    pub start: usize,
+    /// `[start, q_heads, head_dim]`: the past positions' queries (RoPE applied).
+    pub q_past: &'a [f32],
+    /// `[n - start, q_heads, head_dim]`: the new positions' queries (RoPE applied).
     pub q: &'a [f32],
     /// `[kv_heads, n, head_dim]`, RoPE applied.
     pub k: &'a [f32],
     /// `[kv_heads, n, head_dim]`.
     pub v: &'a [f32],
+}
+
+/// Q, K and V of every layer for the first `len` tokens of a text.
+#[derive(Debug, Clone, Default)]
+pub struct Past {
+    /// The tokens these were computed from.
+    pub ids: Vec<u32>,
+    /// Per layer `[len, q_heads, head_dim]`.
+    pub q: Vec<Vec<f32>>,
+    /// Per layer `[kv_heads, len, head_dim]`.
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl Past {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// What a forward pass scored: per new position `t < n - 1`, the log-probability
+/// of `ids[t + 1]` and the arg-max token; and the [`Past`] of all `n` tokens.
+pub struct Scored {
+    pub logp: Vec<f64>,
+    pub argmax: Vec<u32>,
+    pub past: Past,
+}
+
+/// `[heads, len, d]` rows of `a` (length `la`) then of `b` (length `lb`), per head.
+fn concat_rows(a: &[f32], la: usize, b: &[f32], lb: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(heads * (la + lb) * d);
+    for h in 0..heads {
+        out.extend_from_slice(&a[h * la * d..][..la * d]);
+        out.extend_from_slice(&b[h * lb * d..][..lb * d]);
+    }
+    out
 }
 
 pub struct Model {
@@ -135,34 +181,53 @@ impl Model {
         Tensor::stack(&[r0, r1], 3)?.reshape((n, h, d))
     }
 
-    /// Runs `ids` through the model with `attend` as every layer's attention
-    /// (it returns `[n, q_heads, head_dim]`), and returns, per position `t < n - 1`,
-    /// the log-probability of `ids[t + 1]` and the arg-max token.
-    pub fn score(
+    /// Runs the tokens of `ids` after `past` (which must hold a prefix of `ids`;
+    /// `None`: from the start) through the model with `attend` as every layer's
+    /// attention (it returns `[n - start, q_heads, head_dim]`).
+    pub fn forward(
         &self,
         ids: &[u32],
+        past: Option<&Past>,
         mut attend: impl FnMut(&LayerQkv<'_>) -> Result<Vec<f32>>,
         mut progress: impl FnMut(usize),
-    ) -> Result<(Vec<f64>, Vec<u32>)> {
+    ) -> Result<Scored> {
         let c = self.config;
-        let n = ids.len();
+        let empty = Past::default();
+        let past = past.unwrap_or(&empty);
+        let (n, start) = (ids.len(), past.len());
+        if !past.is_empty() && (past.q.len() != c.layers || !ids.starts_with(&past.ids) || n <= start) {
+            return Err(Error::invalid("past", "must hold every layer of a proper prefix of the text"));
+        }
+        let m = n - start;
         let dev = Device::Cpu;
-        let ids_t = Tensor::new(ids, &dev).map_err(candle_err)?;
+        let ids_t = Tensor::new(&ids[start..], &dev).map_err(candle_err)?;
         let mut x = self.embed.index_select(&ids_t, 0).map_err(candle_err)?;
-        let (cos, sin) = self.rope_tables(n).map_err(candle_err)?;
+        let (cos, sin) = self.rope_tables(start, n).map_err(candle_err)?;
+        let mut next = Past { ids: ids.to_vec(), ..Past::default() };
         for (li, l) in self.layers.iter().enumerate() {
             let (q, k, v) = (|| {
                 let h = self.rms_norm(&x, &l.attn_norm)?;
-                let q = self.rope(&h.matmul(&l.wq)?.reshape((n, c.q_heads, c.head_dim))?, &cos, &sin)?;
-                let k = self.rope(&h.matmul(&l.wk)?.reshape((n, c.kv_heads, c.head_dim))?, &cos, &sin)?;
-                let v = h.matmul(&l.wv)?.reshape((n, c.kv_heads, c.head_dim))?;
+                let q = self.rope(&h.matmul(&l.wq)?.reshape((m, c.q_heads, c.head_dim))?, &cos, &sin)?;
+                let k = self.rope(&h.matmul(&l.wk)?.reshape((m, c.kv_heads, c.head_dim))?, &cos, &sin)?;
+                let v = h.matmul(&l.wv)?.reshape((m, c.kv_heads, c.head_dim))?;
                 let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
                 Ok::<_, candle_core::Error>((flat(q)?, flat(k.transpose(0, 1)?)?, flat(v.transpose(0, 1)?)?))
             })()
             .map_err(candle_err)?;
-            let o = attend(&LayerQkv { layer: li, n, q: &q, k: &k, v: &v })?;
+            let (k, v) = match start {
+                0 => (k, v),
+                _ => (
+                    concat_rows(&past.k[li], start, &k, m, c.kv_heads, c.head_dim),
+                    concat_rows(&past.v[li], start, &v, m, c.kv_heads, c.head_dim),
+                ),
+            };
+            let q_past: &[f32] = past.q.get(li).map_or(&[], |q| q);
+            let o = attend(&LayerQkv { layer: li, n, start, q_past, q: &q, k: &k, v: &v })?;
+            next.q.push([q_past, &q].concat());
+            next.k.push(k);
+            next.v.push(v);
             x = (|| {
-                let o = Tensor::from_vec(o, (n, c.q_heads * c.head_dim), &dev)?;
+                let o = Tensor::from_vec(o, (m, c.q_heads * c.head_dim), &dev)?;
                 let x = (&x + o.matmul(&l.wo)?)?;
                 let h = self.rms_norm(&x, &l.ffn_norm)?;
                 let m = (h.matmul(&l.gate)?.silu()? * h.matmul(&l.up)?)?;
@@ -172,13 +237,13 @@ impl Model {
             progress(li + 1);
         }
         let h = self.rms_norm(&x, &self.out_norm).map_err(candle_err)?;
-        let (mut logp, mut argmax) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        // Logits in chunks: the full [n, vocab] matrix would be large.
+        let (mut logp, mut argmax) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        // Logits in chunks: the full [m, vocab] matrix would be large.
         const CHUNK: usize = 256;
-        for start in (0..n.saturating_sub(1)).step_by(CHUNK) {
-            let rows = CHUNK.min(n - 1 - start);
+        for first in (0..m.saturating_sub(1)).step_by(CHUNK) {
+            let rows = CHUNK.min(m - 1 - first);
             let logits = h
-                .narrow(0, start, rows)
+                .narrow(0, first, rows)
                 .and_then(|x| x.matmul(&self.embed_t))
                 .and_then(|l| l.to_dtype(DType::F32))
                 .and_then(|l| l.to_vec2::<f32>())
@@ -191,22 +256,23 @@ impl Model {
                     }
                 }
                 let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
-                let target = ids[start + i + 1] as usize;
+                let target = ids[start + first + i + 1] as usize;
                 logp.push((row[target] - m) as f64 - z.ln());
                 argmax.push(best as u32);
             }
         }
-        Ok((logp, argmax))
+        Ok(Scored { logp, argmax, past: next })
     }
 
-    /// `cos`, `sin` of `pos * base^(-2i/D)`, shape `[n, 1, D/2]`.
-    fn rope_tables(&self, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `cos`, `sin` of `pos * base^(-2i/D)` for positions `from..to`, shape `[to - from, 1, D/2]`.
+    fn rope_tables(&self, from: usize, to: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let d = self.config.head_dim;
         let base = self.config.rope_base as f64;
         let inv: Vec<f64> = (0..d / 2).map(|i| base.powf(-((2 * i) as f64) / d as f64)).collect();
+        let n = to - from;
         let mut cos = Vec::with_capacity(n * d / 2);
         let mut sin = Vec::with_capacity(n * d / 2);
-        for p in 0..n {
+        for p in from..to {
             for f in &inv {
                 let a = p as f64 * f;
                 cos.push(a.cos() as f32);
