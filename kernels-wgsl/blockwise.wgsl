@@ -2,17 +2,23 @@
 // global offsets q0/k0, forward (FlashAttention-2 order), LSE merge, finalize,
 // and the backward (pre-pass, dK/dV per KV tile, dQ per Q tile; no atomics).
 //
+// Workgroup memory is kept to a few hundred floats: WGSL zero-initializes it,
+// which naga's GLSL output does with one array constructor per variable, and
+// Mesa's GL compiler (llvmpipe) is slow to build: a test shader
+// with 3072 floats of it took 52 s per pipeline, one with 320 floats 0.9 s. So K, V, Q and dO are
+// read straight from their buffers (on llvmpipe, as on any CPU, the caches
+// hold them), and each thread keeps its share of the running accumulator in
+// a private array, writing the caller's O / dQ / dK / dV once at the end.
+//
 // bw_forward: one workgroup per (tile of BQ query rows, query head, sequence).
-// The running state lives where the result goes: (m, l) per row in workgroup
-// memory and the unnormalised accumulator in the caller's f32 O itself (each
-// thread owns elements d = t, t + 64, ... of every row of the tile), so head
-// dims up to 256 need no private arrays. Accumulate mode starts from the
-// caller's (O, lse) as the state (m = lse, l = 1, acc = O), which is the
-// LSE merge done incrementally. Per KV tile of `bk` keys: stage K as f32,
-// scores (thread = row t/4 x keys t%4, t%4+4, ...), stage V into the same
-// memory while one thread per row runs the online softmax, then acc = acc
-// alpha + P V. KV tiles past the last key the tile's last row sees (causal)
-// are never visited.
+// The running state is (m, l) per row in workgroup memory and the
+// unnormalised accumulator in registers: thread t owns elements
+// d = t + WG c (c < 4) of every row of the tile, so head dims up to 256 fit.
+// Accumulate mode starts from the caller's (O, lse) as the state (m = lse,
+// l = 1, acc = O), which is the LSE merge done incrementally. Per KV tile of
+// BK keys: scores (thread = row t/4 x keys t%4, t%4+4, ...), one thread per
+// row runs the online softmax, then acc = acc alpha + P V. KV tiles past the
+// last key the tile's last row sees (causal) are never visited.
 
 struct Params {
     q_off: u32, k_off: u32, v_off: u32, do_off: u32,
@@ -48,14 +54,14 @@ struct Params {
 
 const WG: u32 = 64u;
 const BQ: u32 = 16u;          // query rows per workgroup (bw_forward, bw_backward_dq, bw_backward_dkv)
-const BK_MAX: u32 = 64u;      // most keys per staged tile; the launcher sets bk
+const BK: u32 = 16u;          // keys per tile of bw_forward and bw_backward_dq
+const PER_ROW: u32 = 4u;      // accumulator elements per thread and row: WG * PER_ROW >= 256
 const NEG_INF_BITS: u32 = 0xff800000u;
 
-// A staged K or V tile, f32 [bk][head_dim] (bw_backward_dkv: K in the first
-// half, V in the second).
-var<workgroup> kv_sh: array<f32, 2048>;
-// Scores / probabilities / dS of a tile, [BQ][BK_MAX].
-var<workgroup> s_sh: array<f32, 1024>;
+// Scores / probabilities / dS of a tile, [BQ][BK].
+var<workgroup> s_sh: array<f32, 256>;
+// (P, dS) of a tile of bw_backward_dkv, [BQ][16].
+var<workgroup> pds_sh: array<vec2<f32>, 256>;
 var<workgroup> m_sh: array<f32, 16>;      // running max per row (NEG_BIG: nothing seen)
 var<workgroup> l_sh: array<f32, 16>;      // running sum of exp per row
 var<workgroup> a_sh: array<f32, 16>;      // this tile's rescale factor per row
@@ -88,23 +94,21 @@ fn keys_end(i: u32) -> u32 {
     return min(P.kv_len, past - P.k0);
 }
 
-// Stages keys [j0, j0 + nk) of kv head (b, g) as f32 rows into kv_sh[base + j * D + d],
-// zero-filling up to bk rows; from K when from_k, else from V.
-fn stage(b: u32, g: u32, j0: u32, nk: u32, bk: u32, base: u32, from_k: bool, t: u32) {
-    let d_len = P.head_dim;
-    for (var e = t; e < bk * d_len; e += WG) {
-        let j = e / d_len;
-        let d = e - j * d_len;
-        var x = 0.0;
-        if (j < nk) {
-            if (from_k) {
-                x = ld_k(k_at(b, g, j0 + j) + d);
-            } else {
-                x = ld_v(v_at(b, g, j0 + j) + d);
-            }
-        }
-        kv_sh[base + e] = x;
+// Dot product of head_dim elements of two input-dtype rows.
+fn dot_qk(qb: u32, kb: u32) -> f32 {
+    var acc = 0.0;
+    for (var d = 0u; d < P.head_dim; d++) {
+        acc += ld_q(qb + d) * ld_k(kb + d);
     }
+    return acc;
+}
+
+fn dot_dov(db: u32, vb: u32) -> f32 {
+    var acc = 0.0;
+    for (var d = 0u; d < P.head_dim; d++) {
+        acc += ld_do(db + d) * ld_v(vb + d);
+    }
+    return acc;
 }
 
 @compute @workgroup_size(64)
@@ -116,7 +120,6 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let rows = min(BQ, P.q_len - i0);
     let d_len = P.head_dim;
     let row0 = (b * P.q_heads + h) * P.q_len + i0;
-    let bk = P.bk;
 
     if (t < BQ) {
         var m = NEG_BIG;
@@ -132,11 +135,18 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         l_sh[t] = l;
     }
     workgroupBarrier();
-    // A fresh launch, or an empty running row, starts from a zero accumulator.
-    for (var r = 0u; r < rows; r++) {
-        if (P.accumulate == 0u || l_sh[r] == 0.0) {
-            for (var d = t; d < d_len; d += WG) {
-                o_rw[P.o_off + (row0 + r) * d_len + d] = 0.0;
+    // acc[r * PER_ROW + c]: element d = t + WG c of row r. A fresh launch, or
+    // an empty running row, starts from zero.
+    var acc: array<f32, 64>;
+    if (P.accumulate != 0u) {
+        for (var r = 0u; r < rows; r++) {
+            if (l_sh[r] != 0.0) {
+                for (var c = 0u; c < PER_ROW; c++) {
+                    let d = t + c * WG;
+                    if (d < d_len) {
+                        acc[r * PER_ROW + c] = o_rw[P.o_off + (row0 + r) * d_len + d];
+                    }
+                }
             }
         }
     }
@@ -144,31 +154,24 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let kend = keys_end(i0 + rows - 1u);
     let qr = t / 4u;
     let qc = t % 4u;
-    for (var j0 = 0u; j0 < kend; j0 += bk) {
-        let nk = min(bk, kend - j0);
-        stage(b, g, j0, nk, bk, 0u, true, t);
-        workgroupBarrier();
+    for (var j0 = 0u; j0 < kend; j0 += BK) {
+        let nk = min(BK, kend - j0);
         if (qr < rows) {
             let qb = q_at(b, h, i0 + qr);
             for (var j = qc; j < nk; j += 4u) {
-                var acc = 0.0;
-                for (var d = 0u; d < d_len; d++) {
-                    acc += ld_q(qb + d) * kv_sh[j * d_len + d];
-                }
-                var s = acc * P.scale;
+                var s = dot_qk(qb, k_at(b, g, j0 + j)) * P.scale;
                 if (!visible(i0 + qr, j0 + j)) {
                     s = NEG_BIG;
                 }
-                s_sh[qr * BK_MAX + j] = s;
+                s_sh[qr * BK + j] = s;
             }
         }
         workgroupBarrier();
-        stage(b, g, j0, nk, bk, 0u, false, t);
         if (t < rows) {
             let m_old = m_sh[t];
             var m_tile = NEG_BIG;
             for (var j = 0u; j < nk; j++) {
-                m_tile = max(m_tile, s_sh[t * BK_MAX + j]);
+                m_tile = max(m_tile, s_sh[t * BK + j]);
             }
             let m_new = max(m_old, m_tile);
             var alpha = 1.0;
@@ -177,12 +180,12 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
                 alpha = exp(m_old - m_new);
             }
             for (var j = 0u; j < nk; j++) {
-                let s = s_sh[t * BK_MAX + j];
+                let s = s_sh[t * BK + j];
                 var p = 0.0;
                 if (s > NEG_BIG) {
                     p = exp(s - m_new);
                 }
-                s_sh[t * BK_MAX + j] = p;
+                s_sh[t * BK + j] = p;
                 sum += p;
             }
             m_sh[t] = m_new;
@@ -192,13 +195,20 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         workgroupBarrier();
         for (var r = 0u; r < rows; r++) {
             let alpha = a_sh[r];
-            for (var d = t; d < d_len; d += WG) {
-                var acc = 0.0;
+            for (var c = 0u; c < PER_ROW; c++) {
+                acc[r * PER_ROW + c] *= alpha;
+            }
+        }
+        // Each V element once per thread, into every row's accumulator.
+        for (var c = 0u; c < PER_ROW; c++) {
+            let d = t + c * WG;
+            if (d < d_len) {
                 for (var j = 0u; j < nk; j++) {
-                    acc += s_sh[r * BK_MAX + j] * kv_sh[j * d_len + d];
+                    let v = ld_v(v_at(b, g, j0 + j) + d);
+                    for (var r = 0u; r < rows; r++) {
+                        acc[r * PER_ROW + c] += s_sh[r * BK + j] * v;
+                    }
                 }
-                let idx = P.o_off + (row0 + r) * d_len + d;
-                o_rw[idx] = o_rw[idx] * alpha + acc;
             }
         }
         workgroupBarrier();
@@ -206,9 +216,11 @@ fn bw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 
     for (var r = 0u; r < rows; r++) {
         let l = l_sh[r];
-        for (var d = t; d < d_len; d += WG) {
-            let idx = P.o_off + (row0 + r) * d_len + d;
-            o_rw[idx] = select(0.0, o_rw[idx] / l, l > 0.0);
+        for (var c = 0u; c < PER_ROW; c++) {
+            let d = t + c * WG;
+            if (d < d_len) {
+                o_rw[P.o_off + (row0 + r) * d_len + d] = select(0.0, acc[r * PER_ROW + c] / l, l > 0.0);
+            }
         }
     }
     if (t < rows) {
@@ -331,9 +343,10 @@ fn prob(s: f32, lse: f32, seen: bool) -> f32 {
 }
 
 // bw_backward_dq: one workgroup per (tile of BQ query rows, query head, sequence),
-// looping over the KV tiles the rows see: dP = dO V^T (V staged), then S, P and
-// dS = P (dP - delta) (K staged into the same memory), then dQ += scale dS K,
-// accumulated in the caller's dQ (this workgroup owns those rows).
+// looping over the KV tiles the rows see: per (row, key) pair S, P, dP = dO . V
+// and dS = P (dP - delta), then dQ += scale dS K into private accumulators
+// (thread t owns elements d = t + WG c of every row, as in bw_forward), added
+// to the caller's dQ once at the end (this workgroup owns those rows).
 @compute @workgroup_size(64)
 fn bw_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i0 = wid.x * BQ;
@@ -343,63 +356,58 @@ fn bw_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let rows = min(BQ, P.q_len - i0);
     let d_len = P.head_dim;
     let row0 = (b * P.q_heads + h) * P.q_len + i0;
-    let bk = P.bk;
     if (t < rows) {
         m_sh[t] = lse_of(row0 + t);
         dl_sh[t] = delta_ro[P.delta_off + row0 + t];
     }
+    workgroupBarrier();
+    var acc: array<f32, 64>;
     let kend = keys_end(i0 + rows - 1u);
     let qr = t / 4u;
     let qc = t % 4u;
-    for (var j0 = 0u; j0 < kend; j0 += bk) {
-        let nk = min(bk, kend - j0);
-        stage(b, g, j0, nk, bk, 0u, false, t);
-        workgroupBarrier();
-        if (qr < rows) {
-            let db = do_at(b, h, i0 + qr);
-            for (var j = qc; j < nk; j += 4u) {
-                var acc = 0.0;
-                for (var d = 0u; d < d_len; d++) {
-                    acc += ld_do(db + d) * kv_sh[j * d_len + d];
-                }
-                s_sh[qr * BK_MAX + j] = acc;
-            }
-        }
-        workgroupBarrier();
-        stage(b, g, j0, nk, bk, 0u, true, t);
-        workgroupBarrier();
+    for (var j0 = 0u; j0 < kend; j0 += BK) {
+        let nk = min(BK, kend - j0);
         if (qr < rows) {
             let qb = q_at(b, h, i0 + qr);
+            let db = do_at(b, h, i0 + qr);
             for (var j = qc; j < nk; j += 4u) {
-                var acc = 0.0;
-                for (var d = 0u; d < d_len; d++) {
-                    acc += ld_q(qb + d) * kv_sh[j * d_len + d];
-                }
-                let p = prob(acc * P.scale, m_sh[qr], visible(i0 + qr, j0 + j));
-                let k = qr * BK_MAX + j;
-                s_sh[k] = p * (s_sh[k] - dl_sh[qr]);
+                let dp = dot_dov(db, v_at(b, g, j0 + j));
+                let s = dot_qk(qb, k_at(b, g, j0 + j));
+                let p = prob(s * P.scale, m_sh[qr], visible(i0 + qr, j0 + j));
+                s_sh[qr * BK + j] = p * (dp - dl_sh[qr]);
             }
         }
         workgroupBarrier();
-        for (var r = 0u; r < rows; r++) {
-            for (var d = t; d < d_len; d += WG) {
-                var acc = 0.0;
+        for (var c = 0u; c < PER_ROW; c++) {
+            let d = t + c * WG;
+            if (d < d_len) {
                 for (var j = 0u; j < nk; j++) {
-                    acc += s_sh[r * BK_MAX + j] * kv_sh[j * d_len + d];
+                    let k = ld_k(k_at(b, g, j0 + j) + d);
+                    for (var r = 0u; r < rows; r++) {
+                        acc[r * PER_ROW + c] += s_sh[r * BK + j] * k;
+                    }
                 }
-                let idx = P.dq_off + (row0 + r) * d_len + d;
-                dq_rw[idx] += P.scale * acc;
             }
         }
         workgroupBarrier();
     }
+    for (var r = 0u; r < rows; r++) {
+        for (var c = 0u; c < PER_ROW; c++) {
+            let d = t + c * WG;
+            if (d < d_len) {
+                let idx = P.dq_off + (row0 + r) * d_len + d;
+                dq_rw[idx] += P.scale * acc[r * PER_ROW + c];
+            }
+        }
+    }
 }
 
-// bw_backward_dkv: one workgroup per (tile of bk keys, kv head, sequence) with
-// K and V staged once (bk * head_dim <= 1024 each), looping over every query
-// head of the group and the query tiles that see the keys: per tile P and dS
-// for the (row, key) pairs, then dV += P^T dO and dK += scale dS^T Q into the
-// caller's dK/dV (this workgroup owns those rows).
+// bw_backward_dkv: one workgroup per (tile of bk keys, kv head, sequence),
+// bk * head_dim <= 1024 (thread t owns elements e = t + WG c, c < 16, of the
+// tile's [bk][head_dim] dK and dV in private accumulators), looping over every
+// query head of the group and the query tiles that see the keys: per tile P
+// and dS for the (row, key) pairs, then dV += P^T dO and dK += scale dS^T Q;
+// added to the caller's dK/dV once at the end (this workgroup owns those rows).
 @compute @workgroup_size(64)
 fn bw_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let bk = P.bk;
@@ -409,8 +417,9 @@ fn bw_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     let groups = P.q_heads / P.kv_heads;
     let nk = min(bk, P.kv_len - j0);
     let d_len = P.head_dim;
-    stage(b, g, j0, nk, bk, 0u, true, t);
-    stage(b, g, j0, nk, bk, 1024u, false, t);
+    let n_el = nk * d_len;
+    var acc_k: array<f32, 16>;
+    var acc_v: array<f32, 16>;
     // The first query row that sees key j0.
     var i_start = 0u;
     if (P.causal != 0u && P.k0 + j0 > P.q0) {
@@ -433,35 +442,35 @@ fn bw_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
                 var p = 0.0;
                 var ds = 0.0;
                 if (r < rows && j < nk) {
-                    let qb = q_at(b, h, i0 + r);
-                    let db = do_at(b, h, i0 + r);
-                    var s = 0.0;
-                    var dp = 0.0;
-                    for (var d = 0u; d < d_len; d++) {
-                        s += ld_q(qb + d) * kv_sh[j * d_len + d];
-                        dp += ld_do(db + d) * kv_sh[1024u + j * d_len + d];
-                    }
+                    let s = dot_qk(q_at(b, h, i0 + r), k_at(b, g, j0 + j));
+                    let dp = dot_dov(do_at(b, h, i0 + r), v_at(b, g, j0 + j));
                     p = prob(s * P.scale, m_sh[r], visible(i0 + r, j0 + j));
                     ds = p * (dp - dl_sh[r]);
                 }
-                s_sh[r * 16u + j] = p;
-                s_sh[256u + r * 16u + j] = ds;
+                pds_sh[r * 16u + j] = vec2<f32>(p, ds);
             }
             workgroupBarrier();
-            for (var e = t; e < nk * d_len; e += WG) {
-                let j = e / d_len;
-                let d = e - j * d_len;
-                var av = 0.0;
-                var ak = 0.0;
-                for (var r = 0u; r < rows; r++) {
-                    av += s_sh[r * 16u + j] * ld_do(do_at(b, h, i0 + r) + d);
-                    ak += s_sh[256u + r * 16u + j] * ld_q(q_at(b, h, i0 + r) + d);
+            for (var c = 0u; c < 16u; c++) {
+                let e = t + c * WG;
+                if (e < n_el) {
+                    let j = e / d_len;
+                    let d = e - j * d_len;
+                    for (var r = 0u; r < rows; r++) {
+                        let pds = pds_sh[r * 16u + j];
+                        acc_v[c] += pds.x * ld_do(do_at(b, h, i0 + r) + d);
+                        acc_k[c] += pds.y * ld_q(q_at(b, h, i0 + r) + d);
+                    }
                 }
-                let idx = (kv_row0 + j) * d_len + d;
-                dv_rw[P.dv_off + idx] += av;
-                dk_rw[P.dk_off + idx] += P.scale * ak;
             }
             workgroupBarrier();
+        }
+    }
+    for (var c = 0u; c < 16u; c++) {
+        let e = t + c * WG;
+        if (e < n_el) {
+            let idx = kv_row0 * d_len + e;
+            dv_rw[P.dv_off + idx] += acc_v[c];
+            dk_rw[P.dk_off + idx] += P.scale * acc_k[c];
         }
     }
 }

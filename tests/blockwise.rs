@@ -1,7 +1,5 @@
 mod common;
 
-use common::skip_on_gl;
-
 use frugal_attn::blockwise::reference::{self, Partial};
 use frugal_attn::blockwise::run::{self, BlockInputs, Grads32, State};
 use frugal_attn::blockwise::{BlockLayout, BlockParams, BlockShape, Mask};
@@ -43,9 +41,6 @@ fn check_forward(backend: &Backend, p: &BlockParams, dtype: DType, seed: u64) {
 /// not tile multiples, no mask and causal with offsets: the diagonal block,
 /// partially masked blocks (rows that see nothing), and a block fully masked.
 fn forward_matches_reference(backend: &Backend) {
-    if skip_on_gl(backend, "forward_matches_reference") {
-        return;
-    }
     let cases = [
         (BlockParams::new(shape(1, 1, 1, 64, 1, 1), Mask::None), 0, 0),
         (BlockParams::new(shape(2, 4, 1, 80, 7, 100), Mask::Causal), 100, 50),
@@ -65,9 +60,6 @@ fn forward_matches_reference(backend: &Backend) {
 
 /// Token-major tensors and padded strides (dO/out strides with gaps too).
 fn forward_strided_layouts(backend: &Backend) {
-    if skip_on_gl(backend, "forward_strided_layouts") {
-        return;
-    }
     let s = shape(2, 6, 3, 72, 19, 41);
     let bshd = BlockParams::new(s, Mask::Causal).with_layout(BlockLayout::bshd(&s)).with_offsets(30, 0);
     let padded = BlockParams::new(s, Mask::None).with_layout(BlockLayout {
@@ -95,9 +87,6 @@ fn slice_rows(x: &HostData, b: usize, h: usize, s_len: usize, d: usize, start: u
 /// Accumulating over several KV blocks (one of them fully masked, one before
 /// the queries saw anything) equals one forward over their concatenation.
 fn accumulate_equals_concatenation(backend: &Backend) {
-    if skip_on_gl(backend, "accumulate_equals_concatenation") {
-        return;
-    }
     let full = shape(2, 4, 2, 64, 40, 100);
     let (q0, k0) = (30, 0);
     let cuts = [(0, 37), (37, 27), (64, 36)];
@@ -201,9 +190,6 @@ fn finalize_matches_reference(backend: &Backend) {
 /// (given the same f32 O and lse). f16/bf16 inputs are rounded before both
 /// sides see them, so every dtype meets its forward tolerance.
 fn backward_matches_reference(backend: &Backend) {
-    if skip_on_gl(backend, "backward_matches_reference") {
-        return;
-    }
     let cases = [
         (BlockParams::new(shape(1, 1, 1, 64, 1, 1), Mask::None), 0, 0),
         (BlockParams::new(shape(2, 4, 1, 80, 7, 100), Mask::Causal), 100, 50),

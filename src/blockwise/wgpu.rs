@@ -18,13 +18,8 @@ const WG: usize = 64;
 /// Query rows per workgroup (`BQ` of the kernel).
 const BQ: usize = 16;
 
-/// Keys per staged tile of `bw_forward` and `bw_backward_dq`: `bk * head_dim`
-/// f32s fit the kernel's 2048-float tile, at most `BK_MAX = 64`.
-fn tile_keys(head_dim: usize) -> usize {
-    (2048 / head_dim).min(64)
-}
-
-/// Keys per workgroup of `bw_backward_dkv`: K and V tiles of 1024 floats each, at most 16.
+/// Keys per workgroup of `bw_backward_dkv`: its dK and dV tiles of `bk * head_dim`
+/// floats are spread over 16 private accumulators per thread (1024 floats), at most 16 keys.
 fn dkv_tile_keys(head_dim: usize) -> usize {
     (1024 / head_dim).min(16)
 }
@@ -218,7 +213,6 @@ pub fn forward(
         o_off: off(&o, "o")?,
         lse_off: off(&lse, "lse")?,
         accumulate: accumulate as u32,
-        bk: tile_keys(s.head_dim) as u32,
         ..block_params(params)?
     };
     let bindings = [(1, q.buffer), (2, k.buffer), (3, v.buffer), (5, o.buffer), (6, lse.buffer)];
@@ -386,7 +380,6 @@ pub fn backward(
         &bindings,
         (kv_tiles as u32, s.kv_heads as u32, s.batch as u32),
     )?;
-    let dqp = Params { bk: tile_keys(s.head_dim) as u32, ..base };
     let mut bindings = inputs.to_vec();
     bindings.push((13, dq.buffer));
     dispatch(
@@ -394,7 +387,7 @@ pub fn backward(
         encoder,
         "bw_backward_dq",
         dtype,
-        &dqp,
+        &base,
         &bindings,
         (q_tiles as u32, s.q_heads as u32, s.batch as u32),
     )

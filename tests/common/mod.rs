@@ -59,17 +59,3 @@ macro_rules! backend_tests {
         )*
     };
 }
-
-/// The forward and backward kernels run pathologically slowly on Mesa's GL
-/// backend (minutes for a few small launches; lavapipe takes a second): those
-/// bodies are skipped there, loudly, until that is understood.
-pub fn skip_on_gl(backend: &Backend, test: &str) -> bool {
-    use std::io::Write;
-    match backend {
-        Backend::Wgpu(w) if w.info().backend == wgpu::Backend::Gl => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test} on wgpu GL: the blockwise kernels are too slow there");
-            true
-        }
-        _ => false,
-    }
-}
