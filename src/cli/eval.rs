@@ -56,6 +56,14 @@ pub struct EvalArgs {
     /// SparQ: no reallocation to the mean value (out = y)
     #[arg(long)]
     pub no_mean: bool,
+    /// SparQ diagnostic: also print the mean alpha the kernel estimates against
+    /// the exact softmax mass of the positions it selected (costs a dense pass)
+    #[arg(long)]
+    pub alpha: bool,
+    /// Where dense and SparQ attention run (the baselines and the dense prefill
+    /// of the context run on the CPU) [default: cpu, the f64 reference]
+    #[arg(long)]
+    pub backend: Option<frugal_attn::BackendKind>,
 }
 
 #[cfg(not(feature = "eval"))]
@@ -79,6 +87,8 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
     }
     let text =
         std::fs::read_to_string(&a.text).map_err(|e| Error::invalid("text", format!("{}: {e}", a.text.display())))?;
+    let kind = a.backend.unwrap_or(frugal_attn::BackendKind::Cpu);
+    let backend = kind.open()?;
     let model = Model::load(&path)?;
     let tok = eval::tokenizer::from_gguf(&model.content)?;
     let mut ids = eval::tokenizer::encode(&tok, &text)?;
@@ -90,7 +100,12 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
         ));
     }
     ids.truncate(want);
-    let knobs = SparqKnobs { gqa: a.gqa, local_fraction: a.local_fraction, reallocate_to_mean: !a.no_mean };
+    let knobs = SparqKnobs {
+        gqa: a.gqa,
+        local_fraction: a.local_fraction,
+        reallocate_to_mean: !a.no_mean,
+        measure_alpha: a.alpha,
+    };
     let sparq_budget = |f: f64| match (a.r, a.k) {
         (Some(r), Some(k)) => SparqBudget::Fixed { r, k },
         _ => SparqBudget::Fraction(f),
@@ -112,11 +127,13 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
     };
     println!(
         "SmolLM2-135M, {}: {} tokens of dense context, then {} tokens scored (perplexity of their \
-         next tokens), attention on the CPU (f64 reference launchers); \
+         next tokens), dense and SparQ attention on {} ({}); \
          traffic = KV-cache bytes read / dense, over the scored positions and all layers",
         a.text.display(),
         a.context,
-        ids.len() - a.context
+        ids.len() - a.context,
+        kind.name(),
+        backend.device_name()
     );
     let tty = std::io::stderr().is_terminal();
     let show = move |m: &dyn std::fmt::Display, done: usize, all: usize| {
@@ -131,7 +148,7 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
     }
     let run = |m: Method| {
         let start = std::time::Instant::now();
-        let e = eval::evaluate(&model, &past, &ids, m, |done, all| show(&m, done, all))?;
+        let e = eval::evaluate(&model, &backend, &past, &ids, m, |done, all| show(&m, done, all))?;
         if tty {
             eprintln!("\r{m}: {:.1} s          ", start.elapsed().as_secs_f64());
         }
@@ -142,6 +159,14 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
     println!("{}", eval::table_row(&dense, &dense));
     for m in methods {
         let e = run(m)?;
+        if let Some(s) = e.alpha {
+            eprintln!(
+                "{m}: alpha estimated {:.4}, exact {:.4} (means over {} position x head x layer steps)",
+                s.mean_estimated(),
+                s.mean_exact(),
+                s.count
+            );
+        }
         println!("{}", eval::table_row(&e, &dense));
     }
     Ok(true)

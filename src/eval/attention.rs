@@ -1,14 +1,17 @@
 //! The attention of one layer for every new position `t` of a text (`start..n`
-//! of [`LayerQkv`]), each seeing keys `0..=t` exactly as decode would: dense (this crate's decode
-//! reference), SparQ (this crate's SparQ CPU launcher), and two cache-eviction
+//! of [`LayerQkv`]), each seeing keys `0..=t` exactly as decode would: dense
+//! (this crate's decode launchers), SparQ (this crate's SparQ launchers), on
+//! any [`Backend`] (the CPU one is the f64 reference), and two cache-eviction
 //! baselines at the same KV budget, written here because they are baselines,
 //! not kernels: StreamingLLM's sink tokens plus a sliding window, and H2O's
 //! heavy hitters by accumulated attention plus a recent window.
 
 use super::model::LayerQkv;
+use crate::backend::Backend;
 use crate::decode::{self, DecodeLayout, DecodeParams, DecodeShape};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::host::HostData;
 use crate::sparq::reference::HostCache;
 use crate::sparq::{self, GqaMode, SparqCacheShape, SparqConfig, SparqParams};
 
@@ -41,9 +44,13 @@ fn dense_bytes(h: &Heads, len: usize) -> u64 {
     (h.kv_heads * 2 * len * h.head_dim * 4) as u64
 }
 
-/// Dense attention for every new position through `decode::reference::decode_into`:
+fn f32_data(x: &[f32]) -> HostData {
+    HostData::F32(x.to_vec())
+}
+
+/// Dense attention for every new position in one decode launch on `backend`:
 /// one batch entry per query position, all sharing the layer's cache (batch stride 0).
-pub fn dense(h: &Heads, x: &LayerQkv<'_>, traffic: &mut Traffic) -> Result<Vec<f32>> {
+pub fn dense(backend: &Backend, h: &Heads, x: &LayerQkv<'_>, traffic: &mut Traffic) -> Result<Vec<f32>> {
     let (n, d) = (x.n, h.head_dim);
     let m = n - x.start;
     let shape = DecodeShape { batch: m, q_heads: h.q_heads, kv_heads: h.kv_heads, head_dim: d, capacity: n };
@@ -52,7 +59,14 @@ pub fn dense(h: &Heads, x: &LayerQkv<'_>, traffic: &mut Traffic) -> Result<Vec<f
     let p = DecodeParams::new(shape).with_layout(layout);
     let lens: Vec<u32> = (x.start as u32 + 1..=n as u32).collect();
     let mut out = vec![0f32; m * h.q_heads * d];
-    decode::reference::decode_into(&p, x.q, x.k, x.v, &lens, &mut out)?;
+    if let Backend::Cpu = backend {
+        decode::reference::decode_into(&p, x.q, x.k, x.v, &lens, &mut out)?;
+    } else {
+        let inputs = decode::run::DecodeInputs { q: f32_data(x.q), k: f32_data(x.k), v: f32_data(x.v), seq_lens: lens };
+        for (o, r) in out.iter_mut().zip(decode::run::run(backend, &p, &inputs)?) {
+            *o = r as f32;
+        }
+    }
     for len in x.start + 1..=n {
         let b = dense_bytes(h, len);
         traffic.method += b;
@@ -98,16 +112,66 @@ pub struct SparqKnobs {
     /// Newest positions always attended, as a fraction of `k` (`None`: the crate's `k / 4`).
     pub local_fraction: Option<f64>,
     pub reallocate_to_mean: bool,
+    /// Diagnostic (CPU only, costs a dense pass): compare SparQ's estimate of
+    /// alpha with the exact softmax mass of the selected positions ([`AlphaStats`]).
+    pub measure_alpha: bool,
 }
 
-/// SparQ at every new position through the crate's CPU launcher
-/// (`sparq::reference::sparq_into`), one step per position on the layer's cache.
+/// SparQ's `alpha` (the share of softmax mass on the selected positions),
+/// estimated from the approximate scores as the kernel does, against its exact
+/// value from the full softmax; summed over (position, query head, layer).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AlphaStats {
+    pub estimated: f64,
+    pub exact: f64,
+    pub count: u64,
+}
+
+impl AlphaStats {
+    pub fn mean_estimated(&self) -> f64 {
+        self.estimated / self.count.max(1) as f64
+    }
+
+    pub fn mean_exact(&self) -> f64 {
+        self.exact / self.count.max(1) as f64
+    }
+
+    /// Adds one step's (estimated, exact) alphas, per query head.
+    fn add(&mut self, p: &SparqParams, q: &[f32], c: &HostCache<'_, f32>) -> Result<()> {
+        let (d, groups) = (p.cache.head_dim, p.groups());
+        let len = c.seq_lens[0] as usize;
+        let scale = 1.0 / (d as f64).sqrt();
+        for t in sparq::reference::trace(p, q, c)? {
+            for (&h, est) in t.heads.iter().zip(&t.alpha) {
+                let g = h / groups;
+                let qh = &q[h * d..][..d];
+                let kg = &c.k[g * p.cache.capacity * d..];
+                let logits: Vec<f64> = (0..len)
+                    .map(|j| scale * qh.iter().zip(&kg[j * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
+                    .collect();
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                self.exact += t.i2.iter().map(|&j| (logits[j] - m).exp()).sum::<f64>() / z;
+                self.estimated += est;
+                self.count += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SparQ at every new position through the crate's launchers on `backend`, one
+/// step per position on the layer's cache (`sparq::reference::sparq_into` on the
+/// CPU; on a GPU `sparq::run::run`, which rebuilds the device cache by a bulk
+/// fill per step: a fidelity harness, not a serving loop).
 pub fn sparq(
+    backend: &Backend,
     h: &Heads,
     x: &LayerQkv<'_>,
     budget: SparqBudget,
     knobs: SparqKnobs,
     traffic: &mut Traffic,
+    mut alpha: Option<&mut AlphaStats>,
 ) -> Result<Vec<f32>> {
     let (n, d, hq) = (x.n, h.head_dim, h.q_heads);
     let cache = SparqCacheShape { batch: 1, kv_heads: h.kv_heads, head_dim: d, capacity: n };
@@ -123,7 +187,19 @@ pub fn sparq(
         let lens = [len as u32];
         let c = HostCache { k: x.k, v: x.v, seq_lens: &lens };
         let q = &x.q[i * hq * d..][..hq * d];
-        sparq::reference::sparq_into(&p, q, &c, &mut out[i * hq * d..][..hq * d])?;
+        let o = &mut out[i * hq * d..][..hq * d];
+        if let Some(a) = alpha.as_deref_mut() {
+            a.add(&p, q, &c)?;
+        }
+        if let Backend::Cpu = backend {
+            sparq::reference::sparq_into(&p, q, &c, o)?;
+        } else {
+            let inputs =
+                sparq::run::SparqInputs { q: f32_data(q), k: f32_data(x.k), v: f32_data(x.v), seq_lens: lens.to_vec() };
+            for (o, r) in o.iter_mut().zip(sparq::run::run(backend, &p, &inputs)?) {
+                *o = r as f32;
+            }
+        }
         let (s, dn) = sparq::bytes_model(&p, &lens, DType::F32);
         traffic.method += s;
         traffic.dense += dn;

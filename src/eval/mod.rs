@@ -9,9 +9,10 @@ pub mod attention;
 pub mod model;
 pub mod tokenizer;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::sparq::GqaMode;
-use attention::{Heads, SparqBudget, SparqKnobs, Traffic};
+use attention::{AlphaStats, Heads, SparqBudget, SparqKnobs, Traffic};
 pub use model::{Model, Past};
 use std::fmt;
 use std::path::PathBuf;
@@ -52,7 +53,12 @@ pub enum Method {
 impl Method {
     /// The SparQ defaults: shared GQA selection, local window `k / 4`, reallocation on.
     pub fn sparq(budget: SparqBudget) -> Method {
-        Method::Sparq(budget, SparqKnobs { gqa: GqaMode::Shared, local_fraction: None, reallocate_to_mean: true })
+        Method::Sparq(budget, SparqKnobs {
+            gqa: GqaMode::Shared,
+            local_fraction: None,
+            reallocate_to_mean: true,
+            measure_alpha: false,
+        })
     }
 }
 
@@ -100,6 +106,8 @@ pub struct Evaluation {
     /// The model's arg-max next token at each position.
     pub argmax: Vec<u32>,
     pub traffic: Traffic,
+    /// SparQ with `measure_alpha`: its alpha estimate against the exact value.
+    pub alpha: Option<AlphaStats>,
 }
 
 impl Evaluation {
@@ -114,21 +122,24 @@ impl Evaluation {
     }
 }
 
-/// Dense attention over `ids`: the prefix every method continues from, as a
-/// serving engine's prefill fills the cache before sparse decode starts.
+/// Dense attention over `ids` (on the CPU reference): the prefix every method
+/// continues from, as a serving engine's prefill fills the cache before sparse
+/// decode starts.
 pub fn prefill(model: &Model, ids: &[u32], progress: impl FnMut(usize, usize)) -> Result<Past> {
     if ids.is_empty() {
         return Ok(Past::default());
     }
-    Ok(run(model, ids, None, Method::Dense, progress)?.0)
+    Ok(run(model, &Backend::Cpu, ids, None, Method::Dense, progress)?.0)
 }
 
 /// Runs the tokens of `ids` after `past` (a prefix of `ids` from [`prefill`];
 /// empty: from the first token) through `model` with `method` as every layer's
-/// attention, and scores each of them but the last by its next token.
+/// attention, and scores each of them but the last by its next token. Dense
+/// and SparQ run on `backend`; the window and H2O baselines on the CPU.
 /// `progress` is called with (layers done, layers).
 pub fn evaluate(
     model: &Model,
+    backend: &Backend,
     past: &Past,
     ids: &[u32],
     method: Method,
@@ -138,11 +149,12 @@ pub fn evaluate(
     if ids.len() < past.map_or(0, |p| p.len()) + 2 {
         return Err(Error::invalid("text", format!("{} tokens; at least 2 after the prefix are needed", ids.len())));
     }
-    run(model, ids, past, method, progress).map(|(_, e)| e)
+    run(model, backend, ids, past, method, progress).map(|(_, e)| e)
 }
 
 fn run(
     model: &Model,
+    backend: &Backend,
     ids: &[u32],
     past: Option<&Past>,
     method: Method,
@@ -160,18 +172,22 @@ fn run(
     }
     let heads = Heads { q_heads: c.q_heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
     let mut traffic = Traffic::default();
+    let mut alpha = match method {
+        Method::Sparq(_, k) if k.measure_alpha => Some(AlphaStats::default()),
+        _ => None,
+    };
     let scored = model.forward(
         ids,
         past,
         |x| match method {
-            Method::Dense => attention::dense(&heads, x, &mut traffic),
-            Method::Sparq(b, k) => attention::sparq(&heads, x, b, k, &mut traffic),
+            Method::Dense => attention::dense(backend, &heads, x, &mut traffic),
+            Method::Sparq(b, k) => attention::sparq(backend, &heads, x, b, k, &mut traffic, alpha.as_mut()),
             Method::Window(f) => attention::window(&heads, x, f, &mut traffic),
             Method::H2o(f) => attention::h2o(&heads, x, f, &mut traffic),
         },
         |done| progress(done, c.layers),
     )?;
-    let e = Evaluation { method, logp: scored.logp, argmax: scored.argmax, traffic };
+    let e = Evaluation { method, logp: scored.logp, argmax: scored.argmax, traffic, alpha };
     Ok((scored.past, e))
 }
 
