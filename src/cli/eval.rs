@@ -60,6 +60,10 @@ pub struct EvalArgs {
     /// the exact softmax mass of the positions it selected (costs a dense pass)
     #[arg(long)]
     pub alpha: bool,
+    /// SparQ diagnostic: reallocate to the mean with the exact alpha instead of
+    /// the estimate (CPU; costs a dense pass)
+    #[arg(long, conflicts_with = "no_mean")]
+    pub exact_alpha: bool,
     /// Where dense and SparQ attention run (the baselines and the dense prefill
     /// of the context run on the CPU) [default: cpu, the f64 reference]
     #[arg(long)]
@@ -105,6 +109,7 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
         local_fraction: a.local_fraction,
         reallocate_to_mean: !a.no_mean,
         measure_alpha: a.alpha,
+        exact_alpha: a.exact_alpha,
     };
     let sparq_budget = |f: f64| match (a.r, a.k) {
         (Some(r), Some(k)) => SparqBudget::Fixed { r, k },
@@ -161,9 +166,10 @@ pub fn eval(a: &EvalArgs) -> Result<bool> {
         let e = run(m)?;
         if let Some(s) = e.alpha {
             eprintln!(
-                "{m}: alpha estimated {:.4}, exact {:.4} (means over {} position x head x layer steps)",
+                "{m}: alpha estimated {:.4}, exact {:.4}, |difference| {:.4} (means over {} position x head x layer steps)",
                 s.mean_estimated(),
                 s.mean_exact(),
+                s.mean_abs_error(),
                 s.count
             );
         }

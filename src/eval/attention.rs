@@ -115,6 +115,9 @@ pub struct SparqKnobs {
     /// Diagnostic (CPU only, costs a dense pass): compare SparQ's estimate of
     /// alpha with the exact softmax mass of the selected positions ([`AlphaStats`]).
     pub measure_alpha: bool,
+    /// Diagnostic (CPU, costs a dense pass): reallocate to the mean with the
+    /// exact alpha instead of SparQ's estimate.
+    pub exact_alpha: bool,
 }
 
 /// SparQ's `alpha` (the share of softmax mass on the selected positions),
@@ -124,6 +127,8 @@ pub struct SparqKnobs {
 pub struct AlphaStats {
     pub estimated: f64,
     pub exact: f64,
+    /// Sum of `|estimated - exact|`.
+    pub abs_error: f64,
     pub count: u64,
 }
 
@@ -136,27 +141,51 @@ impl AlphaStats {
         self.exact / self.count.max(1) as f64
     }
 
-    /// Adds one step's (estimated, exact) alphas, per query head.
-    fn add(&mut self, p: &SparqParams, q: &[f32], c: &HostCache<'_, f32>) -> Result<()> {
-        let (d, groups) = (p.cache.head_dim, p.groups());
-        let len = c.seq_lens[0] as usize;
-        let scale = 1.0 / (d as f64).sqrt();
-        for t in sparq::reference::trace(p, q, c)? {
-            for (&h, est) in t.heads.iter().zip(&t.alpha) {
-                let g = h / groups;
-                let qh = &q[h * d..][..d];
-                let kg = &c.k[g * p.cache.capacity * d..];
-                let logits: Vec<f64> = (0..len)
-                    .map(|j| scale * qh.iter().zip(&kg[j * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
-                    .collect();
-                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-                self.exact += t.i2.iter().map(|&j| (logits[j] - m).exp()).sum::<f64>() / z;
-                self.estimated += est;
-                self.count += 1;
-            }
+    pub fn mean_abs_error(&self) -> f64 {
+        self.abs_error / self.count.max(1) as f64
+    }
+
+    fn add(&mut self, alphas: &[(usize, f64, f64)]) {
+        for &(_, est, exact) in alphas {
+            self.exact += exact;
+            self.estimated += est;
+            self.abs_error += (est - exact).abs();
+            self.count += 1;
         }
-        Ok(())
+    }
+}
+
+/// Per query head of one step: (head, alpha as SparQ estimates it, the exact
+/// softmax mass of the positions it selected).
+fn alphas(p: &SparqParams, q: &[f32], c: &HostCache<'_, f32>) -> Result<Vec<(usize, f64, f64)>> {
+    let (d, groups) = (p.cache.head_dim, p.groups());
+    let len = c.seq_lens[0] as usize;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::new();
+    for t in sparq::reference::trace(p, q, c)? {
+        for (&h, &est) in t.heads.iter().zip(&t.alpha) {
+            let (qh, kg) = (&q[h * d..][..d], &c.k[h / groups * p.cache.capacity * d..]);
+            let logits: Vec<f64> = (0..len)
+                .map(|j| scale * qh.iter().zip(&kg[j * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
+                .collect();
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+            out.push((h, est, t.i2.iter().map(|&j| (logits[j] - m).exp()).sum::<f64>() / z));
+        }
+    }
+    Ok(out)
+}
+
+/// Diagnostic: `out = alpha y + (1 - alpha) v_bar` with the exact alpha in
+/// place of SparQ's estimate, given the step's `y` (SparQ without reallocation).
+fn reallocate_exact(p: &SparqParams, c: &HostCache<'_, f32>, alphas: &[(usize, f64, f64)], y: &mut [f32]) {
+    let (d, groups, len) = (p.cache.head_dim, p.groups(), c.seq_lens[0] as usize);
+    for &(h, _, exact) in alphas {
+        let vg = &c.v[h / groups * p.cache.capacity * d..];
+        for (i, o) in y[h * d..][..d].iter_mut().enumerate() {
+            let mean = (0..len).map(|j| vg[j * d + i] as f64).sum::<f64>() / len as f64;
+            *o = (exact * *o as f64 + (1.0 - exact) * mean) as f32;
+        }
     }
 }
 
@@ -188,10 +217,17 @@ pub fn sparq(
         let c = HostCache { k: x.k, v: x.v, seq_lens: &lens };
         let q = &x.q[i * hq * d..][..hq * d];
         let o = &mut out[i * hq * d..][..hq * d];
-        if let Some(a) = alpha.as_deref_mut() {
-            a.add(&p, q, &c)?;
+        let exact = knobs.exact_alpha && knobs.reallocate_to_mean;
+        let a = if alpha.is_some() || exact { alphas(&p, q, &c)? } else { Vec::new() };
+        if let Some(stats) = alpha.as_deref_mut() {
+            stats.add(&a);
         }
-        if let Backend::Cpu = backend {
+        if exact {
+            // The same selection (it does not depend on the reallocation), then the mix by hand.
+            let p = SparqParams::new(cache, hq, SparqConfig { reallocate_to_mean: false, ..cfg });
+            sparq::reference::sparq_into(&p, q, &c, o)?;
+            reallocate_exact(&p, &c, &a, o);
+        } else if let Backend::Cpu = backend {
             sparq::reference::sparq_into(&p, q, &c, o)?;
         } else {
             let inputs =

@@ -52,13 +52,19 @@ pub enum Method {
 
 impl Method {
     /// The SparQ defaults: shared GQA selection, local window `k / 4`, reallocation on.
-    pub fn sparq(budget: SparqBudget) -> Method {
-        Method::Sparq(budget, SparqKnobs {
+    pub fn default_knobs() -> SparqKnobs {
+        SparqKnobs {
             gqa: GqaMode::Shared,
             local_fraction: None,
             reallocate_to_mean: true,
             measure_alpha: false,
-        })
+            exact_alpha: false,
+        }
+    }
+
+    /// SparQ with [`Method::default_knobs`].
+    pub fn sparq(budget: SparqBudget) -> Method {
+        Method::Sparq(budget, Method::default_knobs())
     }
 }
 
@@ -79,6 +85,8 @@ impl fmt::Display for Method {
                 }
                 if !k.reallocate_to_mean {
                     write!(f, " no-mean")?;
+                } else if k.exact_alpha {
+                    write!(f, " exact-alpha")?;
                 }
                 Ok(())
             }
