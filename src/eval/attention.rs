@@ -205,6 +205,13 @@ pub fn sparq(
     let (n, d, hq) = (x.n, h.head_dim, h.q_heads);
     let cache = SparqCacheShape { batch: 1, kv_heads: h.kv_heads, head_dim: d, capacity: n };
     let mut out = vec![0f32; (n - x.start) * hq * d];
+    // The layer's K and V as launcher inputs once; each step changes only the query and length.
+    let mut inputs = match backend {
+        Backend::Cpu => None,
+        _ => {
+            Some(sparq::run::SparqInputs { q: f32_data(&[]), k: f32_data(x.k), v: f32_data(x.v), seq_lens: Vec::new() })
+        }
+    };
     for (i, t) in (x.start..n).enumerate() {
         let len = t + 1;
         let k = budget.k(d, len);
@@ -227,14 +234,13 @@ pub fn sparq(
             let p = SparqParams::new(cache, hq, SparqConfig { reallocate_to_mean: false, ..cfg });
             sparq::reference::sparq_into(&p, q, &c, o)?;
             reallocate_exact(&p, &c, &a, o);
-        } else if let Backend::Cpu = backend {
-            sparq::reference::sparq_into(&p, q, &c, o)?;
-        } else {
-            let inputs =
-                sparq::run::SparqInputs { q: f32_data(q), k: f32_data(x.k), v: f32_data(x.v), seq_lens: lens.to_vec() };
-            for (o, r) in o.iter_mut().zip(sparq::run::run(backend, &p, &inputs)?) {
+        } else if let Some(inputs) = inputs.as_mut() {
+            (inputs.q, inputs.seq_lens) = (f32_data(q), lens.to_vec());
+            for (o, r) in o.iter_mut().zip(sparq::run::run(backend, &p, inputs)?) {
                 *o = r as f32;
             }
+        } else {
+            sparq::reference::sparq_into(&p, q, &c, o)?;
         }
         let (s, dn) = sparq::bytes_model(&p, &lens, DType::F32);
         traffic.method += s;
