@@ -30,32 +30,200 @@ pub struct CudaRing<T: Element> {
     ranks: Vec<CudaRank<T>>,
 }
 
-/// One rank. `q`, `d_o`, `out`, `o`, `lse`, `delta` and `dq` hold the rank's
-/// query segments one after the other (segment `i` at element
-/// `B * H_q * seg.local * D`, or `B * H_q * seg.local` for `lse`/`delta`).
+/// One rank: its buffers and compute stream, a copy stream, and the events
+/// that order its streams against its neighbours'.
 struct CudaRank<T> {
-    backend: Arc<CudaBackend>,
-    compute: Arc<CudaStream>,
+    bufs: RankBuffers<T>,
     copy: Arc<CudaStream>,
-    q: CudaSlice<T>,
-    d_o: CudaSlice<T>,
-    out: CudaSlice<T>,
-    k: CudaSlice<T>,
-    v: CudaSlice<T>,
-    k_in: [CudaSlice<T>; 2],
-    v_in: [CudaSlice<T>; 2],
-    dk: [CudaSlice<f32>; 2],
-    dv: [CudaSlice<f32>; 2],
-    o: CudaSlice<f32>,
-    lse: CudaSlice<f32>,
-    delta: CudaSlice<f32>,
-    dq: CudaSlice<f32>,
     sent: [CudaEvent; 2],
     computed: [CudaEvent; 2],
 }
 
-fn err(e: impl std::fmt::Display) -> crate::Error {
+/// One rank's device buffers, its compute stream and the blockwise launches
+/// of its steps: shared by this transport and NCCL's, which differ only in
+/// how blocks move between ranks. `q`, `d_o`, `out`, `o`, `lse`, `delta` and
+/// `dq` hold the rank's query segments one after the other (segment `i` at
+/// element `B * H_q * seg.local * D`, or `B * H_q * seg.local` for
+/// `lse`/`delta`); `k_in`/`v_in`/`dk`/`dv` are the double receive slots.
+pub(super) struct RankBuffers<T> {
+    pub(super) backend: Arc<CudaBackend>,
+    pub(super) compute: Arc<CudaStream>,
+    q: CudaSlice<T>,
+    d_o: CudaSlice<T>,
+    out: CudaSlice<T>,
+    pub(super) k: CudaSlice<T>,
+    pub(super) v: CudaSlice<T>,
+    pub(super) k_in: [CudaSlice<T>; 2],
+    pub(super) v_in: [CudaSlice<T>; 2],
+    pub(super) dk: [CudaSlice<f32>; 2],
+    pub(super) dv: [CudaSlice<f32>; 2],
+    o: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    dq: CudaSlice<f32>,
+}
+
+pub(super) fn err(e: impl std::fmt::Display) -> crate::Error {
     CudaBackend::device_error(e)
+}
+
+impl<T: Element> RankBuffers<T> {
+    /// Uploads rank `rank`'s shards (contiguous `[B, H, rank_len(rank), D]`,
+    /// lengths checked by the caller) on a new compute stream of `backend`;
+    /// receive slots and the output start as NaN, accumulators as 0.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        backend: Arc<CudaBackend>,
+        p: &RingParams,
+        rank: usize,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        d_o: &[T],
+    ) -> Result<Self> {
+        let compute = backend.context().new_stream().map_err(err)?;
+        let s = &compute;
+        let kv_max = p.batch * p.kv_heads * p.plan.max_rank_len() * p.head_dim;
+        let rows = p.batch * p.q_heads * p.plan.rank_len(rank);
+        let poison = |n: usize| s.clone_htod(&vec![T::from_f32(f32::NAN); n.max(1)]).map_err(err);
+        let zeros = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(err);
+        Ok(RankBuffers {
+            q: s.clone_htod(q).map_err(err)?,
+            d_o: s.clone_htod(d_o).map_err(err)?,
+            out: poison(rows * p.head_dim)?,
+            k: s.clone_htod(k).map_err(err)?,
+            v: s.clone_htod(v).map_err(err)?,
+            k_in: [poison(kv_max)?, poison(kv_max)?],
+            v_in: [poison(kv_max)?, poison(kv_max)?],
+            dk: [zeros(kv_max)?, zeros(kv_max)?],
+            dv: [zeros(kv_max)?, zeros(kv_max)?],
+            o: zeros(rows * p.head_dim)?,
+            lse: zeros(rows)?,
+            delta: zeros(rows)?,
+            dq: zeros(rows * p.head_dim)?,
+            backend,
+            compute,
+        })
+    }
+
+    /// The K/V block held at step `t`: the rank's own at step 0, else receive slot `t % 2`.
+    pub(super) fn held_kv(&self, t: usize) -> (&CudaSlice<T>, &CudaSlice<T>) {
+        if t == 0 {
+            (&self.k, &self.v)
+        } else {
+            (&self.k_in[t % 2], &self.v_in[t % 2])
+        }
+    }
+
+    fn seg_offsets(p: &RingParams, seg: &Segment) -> (usize, usize) {
+        let rows = p.batch * p.q_heads * seg.local;
+        (rows * p.head_dim, rows)
+    }
+
+    /// Records rank `r`'s forward launches of step `t` on the compute stream.
+    pub(super) fn forward_step(&mut self, p: &RingParams, r: usize, t: usize) -> Result<()> {
+        let step = p.plan.step(t, r);
+        let segs = p.plan.segments(r);
+        // Step 0 computes every query segment against itself first (its diagonal is
+        // visible), so later steps always accumulate.
+        let mut started = vec![t > 0; segs.len()];
+        for part in &step.parts {
+            let bp = p.part_params(r, step.source, part);
+            let (qo, ko) = (p.q_offset(part.q_start), p.kv_offset(part.kv_start));
+            let (oo, lo) = Self::seg_offsets(p, &segs[part.q_seg]);
+            let (k, v) = if t == 0 { (&self.k, &self.v) } else { (&self.k_in[t % 2], &self.v_in[t % 2]) };
+            #[rustfmt::skip]
+            bw::forward(
+                &self.backend, &self.compute, &bp,
+                &self.q.slice(qo..), &k.slice(ko..), &v.slice(ko..),
+                &mut self.o.slice_mut(oo..), &mut self.lse.slice_mut(lo..),
+                started[part.q_seg],
+            )?;
+            started[part.q_seg] = true;
+        }
+        Ok(())
+    }
+
+    /// Records the cast of every segment's (O, lse) into `out` (after the last step).
+    pub(super) fn finalize(&mut self, p: &RingParams, r: usize) -> Result<()> {
+        // Step 0 computes every segment against itself, so every (O, lse) was written.
+        for seg in p.plan.segments(r) {
+            let (oo, lo) = Self::seg_offsets(p, &seg);
+            let sp = p.segment_params(r, &seg);
+            let out = &mut self.out.slice_mut(p.q_offset(seg.local)..);
+            bw::finalize(&self.backend, &self.compute, &sp, &self.o.slice(oo..), &self.lse.slice(lo..), out)?;
+        }
+        Ok(())
+    }
+
+    /// Records the zeroing of dQ and of the first dK/dV slot, and the pre-pass
+    /// `delta = rowsum(dO * O)` of every segment. The caller has ordered the
+    /// compute stream after any transfer still writing those slots.
+    pub(super) fn start_backward(&mut self, p: &RingParams, r: usize) -> Result<()> {
+        let c = self.compute.clone();
+        c.memset_zeros(&mut self.dq).map_err(err)?;
+        c.memset_zeros(&mut self.dk[0]).map_err(err)?;
+        c.memset_zeros(&mut self.dv[0]).map_err(err)?;
+        for seg in p.plan.segments(r) {
+            let (oo, lo) = Self::seg_offsets(p, &seg);
+            let sp = p.segment_params(r, &seg);
+            let d_o = self.d_o.slice(p.q_offset(seg.local)..);
+            bw::backward_prepass(&self.backend, &c, &sp, &self.o.slice(oo..), &d_o, &mut self.delta.slice_mut(lo..))?;
+        }
+        Ok(())
+    }
+
+    /// Records rank `r`'s backward launches of step `t`, accumulating into dQ
+    /// and into the dK/dV slot `t % 2` that travels with the K/V block.
+    pub(super) fn backward_step(&mut self, p: &RingParams, r: usize, t: usize) -> Result<()> {
+        let step = p.plan.step(t, r);
+        let (qsegs, ksegs) = (p.plan.segments(r), p.plan.segments(step.source));
+        let slot = t % 2;
+        for part in &step.parts {
+            let bp = p.part_params(r, step.source, part);
+            let (qo, ko) = (p.q_offset(part.q_start), p.kv_offset(part.kv_start));
+            let (oo, lo) = Self::seg_offsets(p, &qsegs[part.q_seg]);
+            let go = p.batch * p.kv_heads * ksegs[part.kv_seg].local * p.head_dim;
+            let (k, v) = if t == 0 { (&self.k, &self.v) } else { (&self.k_in[slot], &self.v_in[slot]) };
+            let (mut dk, mut dv) = (self.dk[slot].slice_mut(go..), self.dv[slot].slice_mut(go..));
+            #[rustfmt::skip]
+            bw::backward(
+                &self.backend, &self.compute, &bp,
+                &self.q.slice(qo..), &k.slice(ko..), &v.slice(ko..), &self.d_o.slice(qo..),
+                &self.lse.slice(lo..), &self.delta.slice(lo..),
+                &mut self.dq.slice_mut(oo..), &mut dk, &mut dv,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reads the output shard and the forward state back (the caller has
+    /// ordered the compute stream after every transfer).
+    pub(super) fn read_forward(&self, p: &RingParams, r: usize) -> Result<(Vec<T>, RingState)> {
+        let c = &self.compute;
+        let mut out: Vec<T> = c.clone_dtoh(&self.out).map_err(err)?;
+        out.truncate(p.q_shard_elems(r));
+        let o: Vec<f32> = c.clone_dtoh(&self.o).map_err(err)?;
+        let lse: Vec<f32> = c.clone_dtoh(&self.lse).map_err(err)?;
+        let state = RingState { o: split(p, r, &o, p.q_heads * p.head_dim), lse: split(p, r, &lse, p.q_heads) };
+        Ok((out, state))
+    }
+
+    /// Reads dQ and the rank's own dK/dV (home in slot `ranks % 2`) back.
+    pub(super) fn read_grads(&self, p: &RingParams, r: usize) -> Result<RingGrads> {
+        let (c, n) = (&self.compute, p.plan.ranks);
+        let dq: Vec<f32> = c.clone_dtoh(&self.dq).map_err(err)?;
+        let dk: Vec<f32> = c.clone_dtoh(&self.dk[n % 2]).map_err(err)?;
+        let dv: Vec<f32> = c.clone_dtoh(&self.dv[n % 2]).map_err(err)?;
+        let (qd, kd) = (p.q_heads * p.head_dim, p.kv_heads * p.head_dim);
+        Ok(RingGrads { dq: split(p, r, &dq, qd), dk: split(p, r, &dk, kd), dv: split(p, r, &dv, kd) })
+    }
+}
+
+/// Rank `r`'s per-segment pieces of a buffer holding its segments one after the other.
+fn split(p: &RingParams, r: usize, x: &[f32], per: usize) -> Vec<Vec<f32>> {
+    let b = p.batch;
+    p.plan.segments(r).iter().map(|s| x[b * s.local * per..][..b * s.len * per].to_vec()).collect()
 }
 
 impl<T: Element> CudaRing<T> {
@@ -74,53 +242,18 @@ impl<T: Element> CudaRing<T> {
         p.check_shards("k", k.iter().map(Vec::len), false)?;
         p.check_shards("v", v.iter().map(Vec::len), false)?;
         p.check_shards("d_o", d_o.iter().map(Vec::len), true)?;
-        let kv_max = p.batch * p.kv_heads * p.plan.max_rank_len() * p.head_dim;
         let mut ranks = Vec::with_capacity(p.plan.ranks);
         for r in 0..p.plan.ranks {
             let backend = backends[r % backends.len()].clone();
             let ctx = backend.context().clone();
-            let compute = ctx.new_stream().map_err(err)?;
+            let bufs = RankBuffers::new(backend, p, r, &q[r], &k[r], &v[r], &d_o[r])?;
             let copy = ctx.new_stream().map_err(err)?;
-            let s = &compute;
-            let rows = p.batch * p.q_heads * p.plan.rank_len(r);
-            let poison_t = |n: usize| s.clone_htod(&vec![T::from_f32(f32::NAN); n.max(1)]).map_err(err);
-            let zeros = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(err);
+            // Uploads went on the compute stream; the copy stream must not run ahead of them.
+            copy.join(&bufs.compute).map_err(err)?;
             let event = || ctx.new_event(None).map_err(err);
-            ranks.push(CudaRank {
-                q: s.clone_htod(&q[r]).map_err(err)?,
-                d_o: s.clone_htod(&d_o[r]).map_err(err)?,
-                out: poison_t(rows * p.head_dim)?,
-                k: s.clone_htod(&k[r]).map_err(err)?,
-                v: s.clone_htod(&v[r]).map_err(err)?,
-                k_in: [poison_t(kv_max)?, poison_t(kv_max)?],
-                v_in: [poison_t(kv_max)?, poison_t(kv_max)?],
-                dk: [zeros(kv_max)?, zeros(kv_max)?],
-                dv: [zeros(kv_max)?, zeros(kv_max)?],
-                o: zeros(rows * p.head_dim)?,
-                lse: zeros(rows)?,
-                delta: zeros(rows)?,
-                dq: zeros(rows * p.head_dim)?,
-                sent: [event()?, event()?],
-                computed: [event()?, event()?],
-                backend,
-                compute,
-                copy,
-            });
-        }
-        // Uploads went on the compute streams; the copy streams must not run ahead of them.
-        for rank in &ranks {
-            rank.copy.join(&rank.compute).map_err(err)?;
+            ranks.push(CudaRank { bufs, copy, sent: [event()?, event()?], computed: [event()?, event()?] });
         }
         Ok(CudaRing { p: *p, ranks })
-    }
-
-    fn seg_offsets(&self, seg: &Segment) -> (usize, usize) {
-        let rows = self.p.batch * self.p.q_heads * seg.local;
-        (rows * self.p.head_dim, rows)
-    }
-
-    fn kv_seg_offset(&self, seg: &Segment) -> usize {
-        self.p.batch * self.p.kv_heads * seg.local * self.p.head_dim
     }
 
     /// On each rank's copy stream: send the K/V block held at step `t` to the
@@ -139,11 +272,25 @@ impl<T: Element> CudaRing<T> {
                 copy.wait(&self.ranks[next].computed[(t - 1) % 2]).map_err(err)?;
             }
             let (a, b) = two_mut(&mut self.ranks, r, next);
-            let (k, v) = if t == 0 { (&a.k, &a.v) } else { (&a.k_in[t % 2], &a.v_in[t % 2]) };
-            copy.memcpy_dtod(&k.slice(..elems), &mut b.k_in[slot].slice_mut(..elems)).map_err(err)?;
-            copy.memcpy_dtod(&v.slice(..elems), &mut b.v_in[slot].slice_mut(..elems)).map_err(err)?;
+            let (k, v) = a.bufs.held_kv(t);
+            copy.memcpy_dtod(&k.slice(..elems), &mut b.bufs.k_in[slot].slice_mut(..elems)).map_err(err)?;
+            copy.memcpy_dtod(&v.slice(..elems), &mut b.bufs.v_in[slot].slice_mut(..elems)).map_err(err)?;
         }
         Ok(())
+    }
+
+    /// Makes rank `r`'s compute stream wait for the block of step `t` (sent by the previous rank).
+    fn wait_for_block(&self, r: usize, t: usize) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let prev = (r + self.p.plan.ranks - 1) % self.p.plan.ranks;
+        self.ranks[r].bufs.compute.wait(&self.ranks[prev].sent[t % 2]).map_err(err)
+    }
+
+    fn record_computed(&self, r: usize, t: usize) -> Result<()> {
+        let rank = &self.ranks[r];
+        rank.computed[t % 2].record(&rank.bufs.compute).map_err(err)
     }
 
     /// Records the ring forward on the ranks' streams (returns without waiting).
@@ -152,50 +299,18 @@ impl<T: Element> CudaRing<T> {
         for t in 0..n {
             if t + 1 < n {
                 self.send_kv(t)?;
-                for r in 0..n {
-                    let rank = &self.ranks[r];
+                for rank in &self.ranks {
                     rank.sent[(t + 1) % 2].record(&rank.copy).map_err(err)?;
                 }
             }
             for r in 0..n {
-                let prev = (r + n - 1) % n;
-                if t > 0 {
-                    let (c, e) = (&self.ranks[r].compute, &self.ranks[prev].sent[t % 2]);
-                    c.wait(e).map_err(err)?;
-                }
-                let step = p.plan.step(t, r);
-                let segs = p.plan.segments(r);
-                // Step 0 computes every query segment against itself first (its diagonal is
-                // visible), so later steps always accumulate.
-                let mut started = vec![t > 0; segs.len()];
-                for part in &step.parts {
-                    let bp = p.part_params(r, step.source, part);
-                    let (qo, ko) = (p.q_offset(part.q_start), p.kv_offset(part.kv_start));
-                    let (oo, lo) = self.seg_offsets(&segs[part.q_seg]);
-                    let rank = &mut self.ranks[r];
-                    let (k, v) = if t == 0 { (&rank.k, &rank.v) } else { (&rank.k_in[t % 2], &rank.v_in[t % 2]) };
-                    #[rustfmt::skip]
-                    bw::forward(
-                        &rank.backend, &rank.compute, &bp,
-                        &rank.q.slice(qo..), &k.slice(ko..), &v.slice(ko..),
-                        &mut rank.o.slice_mut(oo..), &mut rank.lse.slice_mut(lo..),
-                        started[part.q_seg],
-                    )?;
-                    started[part.q_seg] = true;
-                }
-                let rank = &self.ranks[r];
-                rank.computed[t % 2].record(&rank.compute).map_err(err)?;
+                self.wait_for_block(r, t)?;
+                self.ranks[r].bufs.forward_step(&p, r, t)?;
+                self.record_computed(r, t)?;
             }
         }
-        for r in 0..n {
-            // Step 0 computes every segment against itself, so every (O, lse) was written.
-            for seg in p.plan.segments(r) {
-                let (oo, lo) = self.seg_offsets(&seg);
-                let sp = p.segment_params(r, &seg);
-                let rank = &mut self.ranks[r];
-                let out = &mut rank.out.slice_mut(p.q_offset(seg.local)..);
-                bw::finalize(&rank.backend, &rank.compute, &sp, &rank.o.slice(oo..), &rank.lse.slice(lo..), out)?;
-            }
+        for (r, rank) in self.ranks.iter_mut().enumerate() {
+            rank.bufs.finalize(&p, r)?;
         }
         Ok(())
     }
@@ -203,34 +318,15 @@ impl<T: Element> CudaRing<T> {
     /// Records the ring backward after [`Self::forward`] (returns without waiting).
     pub fn backward(&mut self) -> Result<()> {
         let (n, p) = (self.p.plan.ranks, self.p);
-        for r in 0..n {
-            let segs = p.plan.segments(r);
-            let rank = &mut self.ranks[r];
-            let c = rank.compute.clone();
+        for (r, rank) in self.ranks.iter_mut().enumerate() {
             // The copy stream may still be sending the forward's blocks into slots we clear.
-            c.join(&rank.copy).map_err(err)?;
-            c.memset_zeros(&mut rank.dq).map_err(err)?;
-            c.memset_zeros(&mut rank.dk[0]).map_err(err)?;
-            c.memset_zeros(&mut rank.dv[0]).map_err(err)?;
-            for seg in &segs {
-                let rows = p.batch * p.q_heads * seg.local;
-                let (oo, lo) = (rows * p.head_dim, rows);
-                let sp = p.segment_params(r, seg);
-                let d_o = rank.d_o.slice(p.q_offset(seg.local)..);
-                bw::backward_prepass(
-                    &rank.backend,
-                    &c,
-                    &sp,
-                    &rank.o.slice(oo..),
-                    &d_o,
-                    &mut rank.delta.slice_mut(lo..),
-                )?;
-            }
+            rank.bufs.compute.join(&rank.copy).map_err(err)?;
+            rank.bufs.start_backward(&p, r)?;
         }
         // The forward's last reads of the receive slots finish before this backward's sends overwrite them.
         for r in 0..n {
             let next = (r + 1) % n;
-            let (copy, compute) = (self.ranks[r].copy.clone(), self.ranks[next].compute.clone());
+            let (copy, compute) = (self.ranks[r].copy.clone(), self.ranks[next].bufs.compute.clone());
             copy.join(&compute).map_err(err)?;
         }
         for t in 0..n {
@@ -238,32 +334,9 @@ impl<T: Element> CudaRing<T> {
                 self.send_kv(t)?;
             }
             for r in 0..n {
-                let prev = (r + n - 1) % n;
-                if t > 0 {
-                    let (c, e) = (&self.ranks[r].compute, &self.ranks[prev].sent[t % 2]);
-                    c.wait(e).map_err(err)?;
-                }
-                let step = p.plan.step(t, r);
-                let (qsegs, ksegs) = (p.plan.segments(r), p.plan.segments(step.source));
-                for part in &step.parts {
-                    let bp = p.part_params(r, step.source, part);
-                    let (qo, ko) = (p.q_offset(part.q_start), p.kv_offset(part.kv_start));
-                    let (oo, lo) = self.seg_offsets(&qsegs[part.q_seg]);
-                    let go = self.kv_seg_offset(&ksegs[part.kv_seg]);
-                    let rank = &mut self.ranks[r];
-                    let slot = t % 2;
-                    let (k, v) = if t == 0 { (&rank.k, &rank.v) } else { (&rank.k_in[slot], &rank.v_in[slot]) };
-                    let (mut dk, mut dv) = (rank.dk[slot].slice_mut(go..), rank.dv[slot].slice_mut(go..));
-                    #[rustfmt::skip]
-                    bw::backward(
-                        &rank.backend, &rank.compute, &bp,
-                        &rank.q.slice(qo..), &k.slice(ko..), &v.slice(ko..), &rank.d_o.slice(qo..),
-                        &rank.lse.slice(lo..), &rank.delta.slice(lo..),
-                        &mut rank.dq.slice_mut(oo..), &mut dk, &mut dv,
-                    )?;
-                }
-                let rank = &self.ranks[r];
-                rank.computed[t % 2].record(&rank.compute).map_err(err)?;
+                self.wait_for_block(r, t)?;
+                self.ranks[r].bufs.backward_step(&p, r, t)?;
+                self.record_computed(r, t)?;
             }
             // dK/dV move on once this step has accumulated into them (after the last step: home).
             for r in 0..n {
@@ -276,15 +349,16 @@ impl<T: Element> CudaRing<T> {
                 }
                 let (from, to) = (t % 2, (t + 1) % 2);
                 if next == r {
-                    let rank = &mut self.ranks[r];
-                    let [d0, d1] = &mut rank.dk;
+                    let bufs = &mut self.ranks[r].bufs;
+                    let [d0, d1] = &mut bufs.dk;
                     let (src, dst) = if from == 0 { (&*d0, d1) } else { (&*d1, d0) };
                     copy.memcpy_dtod(&src.slice(..elems), &mut dst.slice_mut(..elems)).map_err(err)?;
-                    let [v0, v1] = &mut rank.dv;
+                    let [v0, v1] = &mut bufs.dv;
                     let (src, dst) = if from == 0 { (&*v0, v1) } else { (&*v1, v0) };
                     copy.memcpy_dtod(&src.slice(..elems), &mut dst.slice_mut(..elems)).map_err(err)?;
                 } else {
                     let (a, b) = two_mut(&mut self.ranks, r, next);
+                    let (a, b) = (&a.bufs, &mut b.bufs);
                     copy.memcpy_dtod(&a.dk[from].slice(..elems), &mut b.dk[to].slice_mut(..elems)).map_err(err)?;
                     copy.memcpy_dtod(&a.dv[from].slice(..elems), &mut b.dv[to].slice_mut(..elems)).map_err(err)?;
                 }
@@ -295,7 +369,7 @@ impl<T: Element> CudaRing<T> {
         // dK/dV are home once the previous rank's last send landed.
         for r in 0..n {
             let prev = (r + n - 1) % n;
-            let (c, e) = (&self.ranks[r].compute, &self.ranks[prev].sent[n % 2]);
+            let (c, e) = (&self.ranks[r].bufs.compute, &self.ranks[prev].sent[n % 2]);
             c.wait(e).map_err(err)?;
         }
         Ok(())
@@ -303,44 +377,25 @@ impl<T: Element> CudaRing<T> {
 
     /// Waits for every rank and reads the output shards and forward states back.
     pub fn read_forward(&self) -> Result<(Vec<Vec<T>>, Vec<RingState>)> {
-        let p = &self.p;
         let mut outs = Vec::new();
         let mut states = Vec::new();
         for (r, rank) in self.ranks.iter().enumerate() {
-            let c = &rank.compute;
-            c.join(&rank.copy).map_err(err)?;
-            let mut out: Vec<T> = c.clone_dtoh(&rank.out).map_err(err)?;
-            out.truncate(p.q_shard_elems(r));
+            rank.bufs.compute.join(&rank.copy).map_err(err)?;
+            let (out, state) = rank.bufs.read_forward(&self.p, r)?;
             outs.push(out);
-            let o: Vec<f32> = c.clone_dtoh(&rank.o).map_err(err)?;
-            let lse: Vec<f32> = c.clone_dtoh(&rank.lse).map_err(err)?;
-            let (qh, b) = (p.q_heads, p.batch);
-            let split = |x: &[f32], per: usize| -> Vec<Vec<f32>> {
-                p.plan.segments(r).iter().map(|s| x[b * s.local * per..][..b * s.len * per].to_vec()).collect()
-            };
-            states.push(RingState { o: split(&o, qh * p.head_dim), lse: split(&lse, qh) });
+            states.push(state);
         }
         Ok((outs, states))
     }
 
     /// Waits for every rank and reads the gradients back.
     pub fn read_grads(&self) -> Result<Vec<RingGrads>> {
-        let (p, n) = (&self.p, self.p.plan.ranks);
         self.ranks
             .iter()
             .enumerate()
             .map(|(r, rank)| {
-                let c = &rank.compute;
-                c.join(&rank.copy).map_err(err)?;
-                let dq: Vec<f32> = c.clone_dtoh(&rank.dq).map_err(err)?;
-                let dk: Vec<f32> = c.clone_dtoh(&rank.dk[n % 2]).map_err(err)?;
-                let dv: Vec<f32> = c.clone_dtoh(&rank.dv[n % 2]).map_err(err)?;
-                let b = p.batch;
-                let split = |x: &[f32], per: usize| -> Vec<Vec<f32>> {
-                    p.plan.segments(r).iter().map(|s| x[b * s.local * per..][..b * s.len * per].to_vec()).collect()
-                };
-                let (qd, kd) = (p.q_heads * p.head_dim, p.kv_heads * p.head_dim);
-                Ok(RingGrads { dq: split(&dq, qd), dk: split(&dk, kd), dv: split(&dv, kd) })
+                rank.bufs.compute.join(&rank.copy).map_err(err)?;
+                rank.bufs.read_grads(&self.p, r)
             })
             .collect()
     }
@@ -349,7 +404,7 @@ impl<T: Element> CudaRing<T> {
     pub fn synchronize(&self) -> Result<()> {
         for rank in &self.ranks {
             rank.copy.synchronize().map_err(err)?;
-            rank.compute.synchronize().map_err(err)?;
+            rank.bufs.compute.synchronize().map_err(err)?;
         }
         Ok(())
     }
