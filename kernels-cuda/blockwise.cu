@@ -210,6 +210,327 @@ __device__ __forceinline__ void forward_impl(const T* __restrict__ q, const T* _
 }
 
 // ---------------------------------------------------------------------------
+// Tensor-core forward for f16/bf16 at head_dim 64 and 128 (FlashAttention-2
+// order, mma.sync m16n8k16 with f32 accumulators). Same contract as
+// forward_impl; the launcher picks it only when every Q/K/V row starts on a
+// 16-byte boundary (base pointers 16-byte aligned, strides multiples of 8).
+//
+// Block: 4 warps, warp w owns query rows 16w..16w+15 of a 64-row tile; KV
+// tiles of 64 keys, K and V double-buffered through cp.async. Per KV tile a
+// warp forms S = Q K^T (Q fragments held in registers), scales it into the
+// log2 domain, masks, updates the online softmax in exp2, converts P to T in
+// registers and feeds it as the A operand of O += P V. Lane (grp = lane / 4,
+// tig = lane % 4) holds rows grp and grp + 8 of its warp, and in each 8-wide
+// n-tile the columns 2 tig and 2 tig + 1 (the m16n8 accumulator layout).
+// Shared rows are padded by 8 elements (16 bytes) so the 8 row addresses of an
+// ldmatrix phase fall in distinct banks.
+// This block's own partial is formed from scratch; accumulate mode merges it
+// into the caller's (O, lse) at the end by the LSE rule, so a row that sees no
+// key of this block is left bit-identical.
+// Shared: q_sh [64][D+8], then per stage s in {0, 1}: K [64][D+8], V [64][D+8].
+
+constexpr int kMmaThreads = 128;
+constexpr int kMmaRows = 64;  // query rows per block (16 per warp)
+constexpr int kMmaKeys = 64;  // keys per KV tile
+
+__device__ __forceinline__ unsigned smem_u32(const void* ptr) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row))
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row))
+                 : "memory");
+}
+
+// c += a b for one m16n8k16 tile: a = 4 registers of A (row-major 16x16),
+// b0/b1 = 2 registers of B (k-major 16x8), c = the 4 f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                                          unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a T pair in one register, lo in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&h);
+}
+template <>
+__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// 2^x (ex2.approx: 2 ulp, 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Starts the copy of rows [0, n) of a strided tensor (row stride row_st
+// elements, every row 16-byte aligned) into dst[r * (D + 8) + d]; rows [n, ROWS)
+// become zeros (plain stores, visible after the next __syncthreads).
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, long long row_st, int n) {
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    static_assert((ROWS * CH) % kMmaThreads == 0, "tile chunks must split evenly over the block");
+#pragma unroll
+    for (int it = 0; it < ROWS * CH / kMmaThreads; ++it) {
+        const int e = it * kMmaThreads + threadIdx.x;
+        const int r = e / CH, c = e % CH;
+        T* d = dst + r * (D + 8) + c * 8;
+        if (r < n)
+            cp_async16(d, src + (long long)r * row_st + c * 8);
+        else
+            *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                                 const T* __restrict__ v, float* __restrict__ o,
+                                                 float* __restrict__ lse, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the tensor-core forward covers head_dim 64 and 128");
+    constexpr int BQ = kMmaRows, BK = kMmaKeys;
+    constexpr int ST = D + 8;   // shared row stride in elements
+    constexpr int KD = D / 16;  // k-steps over the head dim (S = Q K^T)
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (O)
+    constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S)
+    constexpr float kLog2e = 1.4426950408889634f;
+    constexpr float kLn2 = 0.6931471805599453f;
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    T* q_sh = reinterpret_cast<T*>(bw_mma_smem);
+    T* kv_sh = q_sh + BQ * ST;  // stage s: K at kv_sh + 2 s BK ST, V right after
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, grp = lane >> 2, tig = lane & 3;
+    // Causal: the tiles with the most keys first, so the short ones fill the tail.
+    const int qt = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int i0 = qt * BQ, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (p.q_heads / p.kv_heads);
+    const int rows = min(BQ, p.q_len - i0);
+    const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+    const int kend = keys_end(p, i0 + rows - 1);
+    const int ntiles = (kend + BK - 1) / BK;
+    const T* kb = k + b * p.k_st[0] + g * p.k_st[1];
+    const T* vb = v + b * p.v_st[0] + g * p.v_st[1];
+    const float sl2 = p.scale * kLog2e;
+
+    // Row state for rows grp (index 0) and grp + 8 (index 1) of this warp, in
+    // log2 units: m = running max of scale log2(e) q.k, l = this lane's share of
+    // sum 2^(s - m) (summed over the quad at the end).
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+
+    if (ntiles > 0) {
+        load_tile_async<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
+                                  rows);
+        const int nk = min(BK, kend);
+        load_tile_async<T, D, BK>(kv_sh, kb, p.k_st[2], nk);
+        load_tile_async<T, D, BK>(kv_sh + BK * ST, vb, p.v_st[2], nk);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+    // Q fragments (A operand, 16 rows x 16 dims per k-step) for the whole loop.
+    unsigned qf[KD][4];
+    if (ntiles > 0) {
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            ldmatrix_x4(qf[kk], q_sh + (warp * 16 + (lane & 15)) * ST + kk * 16 + (lane >> 4) * 8);
+    }
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int j0 = t * BK;
+        // Prefetch the next tile into the other stage (freed by the previous
+        // iteration's closing barrier); the group is empty on the last tile.
+        if (t + 1 < ntiles) {
+            const int jn = j0 + BK;
+            const int nk = min(BK, kend - jn);
+            T* kn = kv_sh + ((t + 1) & 1) * 2 * BK * ST;
+            load_tile_async<T, D, BK>(kn, kb + (long long)jn * p.k_st[2], p.k_st[2], nk);
+            load_tile_async<T, D, BK>(kn + BK * ST, vb + (long long)jn * p.v_st[2], p.v_st[2], nk);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group has landed
+        __syncthreads();
+        const T* ks = kv_sh + (t & 1) * 2 * BK * ST;
+        const T* vs = ks + BK * ST;
+
+        // S = Q K^T: per k-step one ldmatrix.x4 gives B fragments for two n-tiles
+        // (matrices: keys +0..7 dims +0..7, keys +0..7 dims +8..15, keys +8..15 dims +0..7, +8..15 +8..15).
+        float s[NK][4];
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NK / 2; ++np) {
+                unsigned kf[4];
+                ldmatrix_x4(kf, ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ST + kk * 16 +
+                                    ((lane >> 3) & 1) * 8);
+                mma_16816<T>(s[2 * np], qf[kk], kf[0], kf[1]);
+                mma_16816<T>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+            }
+        }
+
+        // Scale into log2 units; mask only tiles that cross the key end or the
+        // causal diagonal of the block's first row (j0 + BK <= kv_len keeps the
+        // sum below i32::MAX).
+        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[n][e] * sl2;
+                if (need_mask) {
+                    const int i = warp * 16 + grp + (e >> 1) * 8;
+                    const int j = j0 + n * 8 + tig * 2 + (e & 1);
+                    const bool seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
+                    if (!seen) x = neg_inf();
+                }
+                s[n][e] = x;
+            }
+
+        // Online softmax; a row with nothing seen yet keeps m = -inf and uses 0
+        // as its reference, so 2^(-inf - 0) = 0 and no -inf - -inf arises.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mt = neg_inf();
+#pragma unroll
+            for (int n = 0; n < NK; ++n) mt = fmaxf(mt, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+            mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 1));
+            mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 2));
+            const float mn = fmaxf(m[r], mt);
+            const float ref = (mn == neg_inf()) ? 0.f : mn;
+            const float alpha = fast_exp2(m[r] - ref);
+            m[r] = mn;
+            float ps = 0.f;
+#pragma unroll
+            for (int n = 0; n < NK; ++n)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    const float pr = fast_exp2(s[n][e] - ref);
+                    s[n][e] = pr;
+                    ps += pr;
+                }
+            l[r] = l[r] * alpha + ps;
+#pragma unroll
+            for (int n = 0; n < ND; ++n) {
+                acc[n][2 * r] *= alpha;
+                acc[n][2 * r + 1] *= alpha;
+            }
+        }
+
+        // O += P V: the S accumulators of n-tiles 2 kt and 2 kt + 1 are the A
+        // fragment of keys 16 kt..16 kt + 15; ldmatrix.trans gives V's B fragments
+        // (matrices: keys +0..7 dims +0..7, keys +8..15 dims +0..7, keys +0..7 dims +8..15, +8..15 +8..15).
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt) {
+            const unsigned pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
+                                    pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                                    pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                unsigned vf[4];
+                ldmatrix_x4_trans(vf, vs + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ST + dp * 16 +
+                                          (lane >> 4) * 8);
+                mma_16816<T>(acc[2 * dp], pa, vf[0], vf[1]);
+                mma_16816<T>(acc[2 * dp + 1], pa, vf[2], vf[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+    // Epilogue per row: this block's partial is (acc / l, lse_b); in accumulate
+    // mode it is merged into the caller's (O, lse) as in merge_impl.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(frugal::kFullMask, lr, 1);
+        lr += __shfl_xor_sync(frugal::kFullMask, lr, 2);
+        const int i = warp * 16 + grp + r * 8;
+        const bool valid = i < rows;
+        const long long row = row0 + i;
+        const float lse_b = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : neg_inf();
+        // Every lane of the quad reads the old lse before lane tig 0 rewrites it.
+        float lse_a = neg_inf();
+        if (valid && p.accumulate && lse_b != neg_inf()) lse_a = lse[row];
+        __syncwarp();
+        if (!valid) continue;
+        if (lse_b == neg_inf()) {
+            // Nothing seen here: the empty partial (or, accumulating, no change).
+            if (!p.accumulate) {
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[row * D + n * 8 + tig * 2] = 0.f;
+                    o[row * D + n * 8 + tig * 2 + 1] = 0.f;
+                }
+                if (tig == 0) lse[row] = neg_inf();
+            }
+            continue;
+        }
+        float wb = 1.f / lr, wa = 0.f, lse_m = lse_b;
+        if (lse_a != neg_inf()) {
+            const float hi = fmaxf(lse_a, lse_b);
+            lse_m = hi + log1pf(expf(fminf(lse_a, lse_b) - hi));
+            wa = expf(lse_a - lse_m);
+            wb *= expf(lse_b - lse_m);
+        }
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float* dst = o + row * D + n * 8 + tig * 2 + c;
+                const float x = acc[n][2 * r + c] * wb;
+                *dst = (lse_a != neg_inf()) ? *dst * wa + x : x;
+            }
+        if (tig == 0) lse[row] = lse_m;
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Merge: one thread per row.
 __device__ __forceinline__ void merge_impl(float* __restrict__ o, float* __restrict__ lse,
                                            const float* __restrict__ ob, const float* __restrict__ lseb,
@@ -560,6 +881,20 @@ extern "C" __global__ void __launch_bounds__(frugal_bw::kThreads)
                                const float* delta, float* dq, frugal_bw::BwParams p) {                         \
         frugal_bw::dq_impl<T, DMAX>(q, k, v, d_o, lse, delta, dq, p);                                          \
     }
+
+// Tensor-core forward: bw_forward_mma_<f16|bf16>_d<64|128>; keep in sync with
+// `mma_kernel_name` in src/blockwise/cuda.rs.
+#define BW_MMA_FORWARD(NAME, T, D)                                                                             \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kMmaThreads)                                       \
+        bw_forward_mma_##NAME##_d##D(const T* q, const T* k, const T* v, float* o, float* lse,                 \
+                                     frugal_bw::BwParams p) {                                                  \
+        frugal_bw::forward_mma_impl<T, D>(q, k, v, o, lse, p);                                                 \
+    }
+
+BW_MMA_FORWARD(f16, __half, 64)
+BW_MMA_FORWARD(f16, __half, 128)
+BW_MMA_FORWARD(bf16, __nv_bfloat16, 64)
+BW_MMA_FORWARD(bf16, __nv_bfloat16, 128)
 
 #define BW_ALL_DIMS(NAME, T)                  \
     BW_DTYPE_KERNELS(NAME, T)                 \

@@ -74,6 +74,67 @@ fn forward_strided_layouts(backend: &Backend) {
     }
 }
 
+/// The shapes the CUDA tensor-core forward takes (f16/bf16, head_dim 64/128,
+/// rows 16-byte aligned; f32 runs the same cases on the FMA kernel): several
+/// 64-row query tiles and 64-key KV tiles with ragged ends, causal offsets that
+/// skip tiles and leave rows of a tile with no key, GQA 4/7, token-major and
+/// padded strides, and a row stride off the 8-element grid (the FMA fallback).
+fn forward_tensor_core_shapes(backend: &Backend) {
+    let a = shape(2, 4, 1, 64, 130, 190);
+    let b = shape(1, 4, 4, 128, 100, 150);
+    let c = shape(1, 7, 1, 128, 65, 129);
+    let d = shape(1, 2, 2, 64, 90, 70);
+    let padded = BlockLayout {
+        q: [7 * 65 * 136 + 8, 65 * 136, 136],
+        k: [129 * 144 + 16, 129 * 144, 144],
+        v: [129 * 128, 128, 128],
+        o: BlockLayout::bhsd(&c).o,
+    };
+    let off_grid = BlockLayout { q: [2 * 90 * 68, 90 * 68, 68], ..BlockLayout::bhsd(&d) };
+    let cases = [
+        BlockParams::new(a, Mask::Causal).with_offsets(70, 10),
+        BlockParams::new(a, Mask::None),
+        BlockParams::new(b, Mask::None).with_layout(BlockLayout::bshd(&b)),
+        BlockParams::new(b, Mask::Causal).with_layout(BlockLayout::bshd(&b)).with_offsets(0, 0),
+        BlockParams::new(c, Mask::Causal).with_layout(padded).with_offsets(200, 0).with_scale(0.2),
+        BlockParams::new(d, Mask::Causal).with_offsets(10, 40),
+        BlockParams::new(d, Mask::Causal).with_layout(off_grid).with_offsets(10, 40),
+    ];
+    for (n, p) in cases.iter().enumerate() {
+        for dtype in DType::ALL {
+            check_forward(backend, p, dtype, 60 + n as u64);
+        }
+    }
+}
+
+/// Accumulate mode onto a state with empty and non-empty rows, where the
+/// block leaves some rows unseen (causal offsets): the LSE merge of the two.
+fn forward_accumulates_onto_state(backend: &Backend) {
+    for s in [shape(1, 4, 1, 128, 80, 100), shape(2, 2, 1, 64, 70, 66)] {
+        let p = BlockParams::new(s, Mask::Causal).with_offsets(20, 50);
+        for dtype in DType::ALL {
+            let mut rng = Rng::new(90);
+            let x = BlockInputs::random(&p, dtype, &mut rng);
+            let init = random_state(&s, &mut rng, |r| r % 3 == 0);
+            let got = run::forward(backend, &p, &x, Some(&init)).unwrap_or_else(|e| panic!("{backend:?}: {e}"));
+            let mut want = partial(&init);
+            reference::merge(&mut want, &run::reference_forward(&p, &x).unwrap(), s.head_dim);
+            let (eo, el) = run::forward_error(&got, &want);
+            let tol = dtype.tolerance();
+            assert!(eo <= tol && el <= tol, "{backend:?} {dtype} {s:?}: accumulated O {eo:e}, lse {el:e} > {tol:e}");
+            assert_empty_rows_exact(&format!("{backend:?} {dtype} accumulate"), &got, &want, s.head_dim);
+            // Rows this block does not reach keep their state bit for bit.
+            for r in 0..s.lse_elems() {
+                let i = r % s.q_len;
+                if p.q0 + i < p.k0 {
+                    assert_eq!(got.lse[r].to_bits(), init.lse[r].to_bits(), "{backend:?} {dtype}: row {r} lse changed");
+                    assert_eq!(&got.o[r * s.head_dim..][..s.head_dim], &init.o[r * s.head_dim..][..s.head_dim]);
+                }
+            }
+        }
+    }
+}
+
 /// Rows `start..start + len` of a contiguous `[B, H, S, D]` tensor of `s_len` rows.
 fn slice_rows(x: &HostData, b: usize, h: usize, s_len: usize, d: usize, start: usize, len: usize) -> HostData {
     let all = x.to_f64();
@@ -228,6 +289,8 @@ backend_tests!(
     forward_matches_reference,
     forward_strided_layouts,
     accumulate_equals_concatenation,
+    forward_tensor_core_shapes,
+    forward_accumulates_onto_state,
     merge_matches_reference,
     finalize_matches_reference,
     backward_matches_reference,

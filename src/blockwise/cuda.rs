@@ -82,6 +82,36 @@ fn dq_smem(head_dim: usize) -> usize {
     4 * (4 * TILE * ds + TILE * (TILE + 1))
 }
 
+/// Query rows per block and keys per KV tile of the tensor-core forward (`kMmaRows`, `kMmaKeys`).
+const MMA_ROWS: usize = 64;
+const MMA_KEYS: usize = 64;
+
+/// The tensor-core forward's kernel for this dtype and head dimension, when
+/// there is one: f16/bf16 at head_dim 64 or 128 (mirrors `BW_MMA_FORWARD`).
+fn mma_kernel_name(dtype: DType, head_dim: usize) -> Option<&'static str> {
+    match (dtype, head_dim) {
+        (DType::F16, 64) => Some("bw_forward_mma_f16_d64"),
+        (DType::F16, 128) => Some("bw_forward_mma_f16_d128"),
+        (DType::Bf16, 64) => Some("bw_forward_mma_bf16_d64"),
+        (DType::Bf16, 128) => Some("bw_forward_mma_bf16_d128"),
+        _ => None,
+    }
+}
+
+/// Whether every Q/K/V row starts on a 16-byte boundary, as the tensor-core
+/// forward's 16-byte `cp.async` copies need: base addresses 16-byte aligned
+/// and every stride a multiple of 8 (2-byte) elements.
+fn rows_16b_aligned(params: &BlockParams, ptrs: [u64; 3]) -> bool {
+    let l = &params.layout;
+    ptrs.iter().all(|p| p % 16 == 0) && [l.q, l.k, l.v].iter().flatten().all(|st| st % 8 == 0)
+}
+
+/// Shared memory of the tensor-core forward: the Q tile and two stages of K
+/// and V tiles, rows of `head_dim + 8` 2-byte elements (mirrors blockwise.cu).
+fn mma_forward_smem(head_dim: usize) -> usize {
+    2 * (MMA_ROWS + 2 * 2 * MMA_KEYS) * (head_dim + 8)
+}
+
 fn dtype_name(dtype: DType) -> &'static str {
     dtype.name()
 }
@@ -171,6 +201,8 @@ fn allow_smem(f: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
 /// Records the forward of one (Q block, KV block) pair into f32 `o`
 /// `[B, Hq, q_len, D]` and `lse` `[B, Hq, q_len]` (`-inf` and 0 for rows
 /// that see no key); with `accumulate` the pair is merged into `(o, lse)`.
+/// f16/bf16 at head_dim 64 or 128 with every Q/K/V row 16-byte aligned run on
+/// tensor cores (`mma.sync`); everything else on the f32-FMA kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element>(
     backend: &CudaBackend,
@@ -202,9 +234,13 @@ pub fn forward<T: Element>(
         span::<f32>("o", o_ptr, s.o_elems(), true),
         span::<f32>("lse", lse_ptr, s.lse_elems(), true),
     ])?;
-    let name = kernel_name("forward", T::DTYPE, Some(var.d_max));
+    // The tensor-core kernel where it applies, else the f32-FMA one.
+    let mma = mma_kernel_name(T::DTYPE, s.head_dim).filter(|_| rows_16b_aligned(params, [q_ptr, k_ptr, v_ptr]));
+    let (name, smem, rows_per_block) = match mma {
+        Some(name) => (name, mma_forward_smem(s.head_dim), MMA_ROWS),
+        None => (kernel_name("forward", T::DTYPE, Some(var.d_max)), forward_smem(s.head_dim), bq),
+    };
     let f = backend.function(name)?;
-    let smem = forward_smem(s.head_dim);
     allow_smem(&f, name, smem)?;
     let kp = kernel_params(params, accumulate);
     // SAFETY: every pointer was checked against the layout's extent above, the
@@ -219,7 +255,7 @@ pub fn forward<T: Element>(
             .arg(&lse_ptr)
             .arg(&kp)
             .launch(LaunchConfig {
-                grid_dim: (s.q_len.div_ceil(bq) as u32, s.q_heads as u32, s.batch as u32),
+                grid_dim: (s.q_len.div_ceil(rows_per_block) as u32, s.q_heads as u32, s.batch as u32),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             })
