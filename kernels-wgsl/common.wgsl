@@ -75,3 +75,27 @@ fn elem_bits(word: u32, i: u32) -> u32 {
     }
     return select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
 }
+
+// The keys query position i sees in a slot holding positions [0, len), as
+// (lo, hi, refused): one interval [lo, hi), hi >= lo, never longer than rows
+// in a ring slot; refused = 1 when a plain slot cannot hold len positions.
+// mask: 0 causal (j <= i), 1 strict (j < i), 2 full; window 0: none, else
+// i - window < j; ring 1: only the newest rows positions are held. Dense
+// decode is (mask 2, window 0, ring 0): [0, len), refused past the capacity.
+fn key_interval(len: u32, i: u32, mask: u32, window: u32, ring: u32, rows: u32) -> vec3<u32> {
+    var hi = len;
+    if (mask == 0u && i < len) {
+        hi = i + 1u;
+    }
+    if (mask == 1u) {
+        hi = min(len, i);
+    }
+    var lo = 0u;
+    if (window > 0u && i >= window) {
+        lo = i - window + 1u;
+    }
+    if (ring == 1u && len > rows) {
+        lo = max(lo, len - rows);
+    }
+    return vec3<u32>(lo, max(lo, hi), select(0u, 1u, ring == 0u && len > rows));
+}

@@ -1,6 +1,9 @@
 // Cross-layer KV mapping (src/crosslayer): masked attention of a chunk of
 // queries over one (possibly ring-buffer) KV slot, and the slot write.
 //
+// The decode form (one query per sequence) runs decode.wgsl's split-KV
+// kernels instead, with the same key_interval (common.wgsl).
+//
 // xl_attend: one workgroup per (query t, query head h, sequence b). The keys a
 // query sees always form one interval [lo, hi) of positions (causal, strict,
 // full, window and ring bounds are all intervals), so the kernel walks it in
@@ -122,22 +125,7 @@ fn xl_attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         let pos = pos_buf[P.pos_off + b];
         // The query position, saturated instead of wrapping past 2^32 - 1.
         let i = select(pos + t, 0xffffffffu, pos > 0xffffffffu - t);
-        var hi = len;
-        if (P.mask == 0u && i < len) {
-            hi = i + 1u;
-        }
-        if (P.mask == 1u) {
-            hi = min(len, i);
-        }
-        var lo = 0u;
-        if (P.window > 0u && i >= P.window) {
-            lo = i - P.window + 1u;
-        }
-        if (P.ring == 1u && len > P.rows) {
-            lo = max(lo, len - P.rows);
-        }
-        let bad = select(0u, 1u, P.ring == 0u && len > P.rows);
-        xl_range = vec3<u32>(lo, max(lo, hi), bad);
+        xl_range = key_interval(len, i, P.mask, P.window, P.ring, P.rows);
     }
     let range = workgroupUniformLoad(&xl_range);
     let lo = range.x;

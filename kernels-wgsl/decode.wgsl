@@ -2,6 +2,13 @@
 // decode_partial*: one workgroup per (wg_splits splits, kv head x head chunk,
 // sequence); each K/V row is read once for all query heads of the chunk.
 // decode_merge: one workgroup per (query head, sequence).
+// The keys of sequence b are the positions key_interval (common.wgsl) gives
+// for its length lens[b] and query position pos[b] under (mask, window, ring);
+// position p sits at cache row p (p % capacity in a ring slot). Dense decode
+// is mask 2 (full), no window, no ring: [0, len). Cross-layer decode
+// (src/crosslayer) sets them from its slot. Split s covers positions
+// lo + [s chunk_len, (s + 1) chunk_len); an empty interval outputs 0, a
+// refused one NaN.
 //
 // decode_partial layout. Query heads sit in the components of vec4s ("quads":
 // heads 0-3, and 4-7 in the variants for more than 4 heads; NQ quads). The 64
@@ -31,7 +38,8 @@ struct Params {
     o_sb: u32, o_sh: u32, batch: u32, q_heads: u32,
     kv_heads: u32, head_dim: u32, capacity: u32, chunk_len: u32,
     num_splits: u32, head_chunks: u32, lens_off: u32, lse_off: u32,
-    scale: f32, wg_splits: u32, pad1: u32, pad2: u32,
+    scale: f32, wg_splits: u32, pos_off: u32, mask: u32,
+    window: u32, ring: u32, pad1: u32, pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -45,6 +53,8 @@ struct Params {
 // last bytes of a buffer whose size is not a multiple of 16.
 @group(0) @binding(7) var<storage, read> k4_buf: array<vec4<u32>>;
 @group(0) @binding(8) var<storage, read> v4_buf: array<vec4<u32>>;
+// Query positions (dense decode binds its lengths here; mask 2 ignores them).
+@group(0) @binding(9) var<storage, read> pos_buf: array<u32>;
 
 const WG: u32 = 64u;
 const HPB: u32 = 8u;           // query heads per workgroup (HEADS_PER_BLOCK)
@@ -55,9 +65,25 @@ const STEPS: u32 = 4u;         // keys per row lane per tile
 var<workgroup> part_sh: array<vec4<f32>, 512>;
 var<workgroup> sc_sh: array<vec4<f32>, 128>;   // scores [key][quad] of a tile
 var<workgroup> ml_sh: array<vec4<f32>, 64>;    // per row lane: max, sum (x quad)
-var<workgroup> len_sh: u32;
+var<workgroup> span_sh: vec3<u32>;
 var<workgroup> red: array<vec2<f32>, 64>;
 var<workgroup> wt_sh: array<f32, 64>;
+
+// Sequence b's key interval (lo, hi, refused), the same for every invocation.
+fn load_span(b: u32, tid: u32) -> vec3<u32> {
+    if (tid == 0u) {
+        span_sh = key_interval(lens_buf[P.lens_off + b], pos_buf[P.pos_off + b], P.mask, P.window, P.ring, P.capacity);
+    }
+    return workgroupUniformLoad(&span_sh);
+}
+
+// The cache row of key position p.
+fn key_row(p: u32) -> u32 {
+    if (P.ring == 1u) {
+        return p % P.capacity;
+    }
+    return p;
+}
 
 fn load_q(i: u32) -> f32 { return unpack_elem(q_buf[elem_word(i)], i); }
 
@@ -343,21 +369,19 @@ fn partial(wg: vec3<u32>, tid: u32, nq: u32, al: bool) {
     let g = wg.y / P.head_chunks;
     let hc = wg.y % P.head_chunks;
     let b = wg.z;
-    if (tid == 0u) {
-        len_sh = lens_buf[P.lens_off + b];
-    }
-    let len = workgroupUniformLoad(&len_sh);
-    let start = split * P.chunk_len;
-    // The merge never reads splits past the length, nor anything of a sequence
-    // longer than the cache.
-    if (len > P.capacity || start >= len) {
+    let span = load_span(b, tid);
+    let n_keys = span.y - span.x;
+    // The merge never reads splits past the interval, nor anything of a
+    // refused sequence.
+    if (span.z != 0u || split * P.chunk_len >= n_keys) {
         return;
     }
+    let start = span.x + split * P.chunk_len;
     let d_len = P.head_dim;
     let groups = P.q_heads / P.kv_heads;
     let h0 = g * groups + hc * HPB;
     let nh = min(HPB, groups - hc * HPB);
-    let end = start + min(P.wg_splits * P.chunk_len, len - start);
+    let end = start + min(P.wg_splits * P.chunk_len, span.y - start);
 
     let ept = 16u / nq;
     var lc = 2u;
@@ -412,7 +436,7 @@ fn partial(wg: vec3<u32>, tid: u32, nq: u32, al: bool) {
             var pa = vec4<f32>(0.0);
             var pb = vec4<f32>(0.0);
             if (live) {
-                let e0 = k_head + min(t0 + kk, end - 1u) * P.k_ss;
+                let e0 = k_head + key_row(min(t0 + kk, end - 1u)) * P.k_ss;
                 let k = mask_elems(elems(k_words(e0, f, nq, al, kn4, k_tail)), lim);
                 if (nq == 1u) {
                     pa = (q0 * k[0] + q1 * k[1]) + (q2 * k[2] + q3 * k[3]);
@@ -478,10 +502,10 @@ fn partial(wg: vec3<u32>, tid: u32, nq: u32, al: bool) {
         a3 = scale4(a3, fb);
         if (live) {
             var acc = Acc(a0, a1, a2, a3);
-            acc = pv_key(acc, elems(v_words(v_head + min(t0 + r, end - 1u) * P.v_ss, f, nq, al, vn4, v_tail)), pa0, pb0, nq);
-            acc = pv_key(acc, elems(v_words(v_head + min(t0 + rows + r, end - 1u) * P.v_ss, f, nq, al, vn4, v_tail)), pa1, pb1, nq);
-            acc = pv_key(acc, elems(v_words(v_head + min(t0 + 2u * rows + r, end - 1u) * P.v_ss, f, nq, al, vn4, v_tail)), pa2, pb2, nq);
-            acc = pv_key(acc, elems(v_words(v_head + min(t0 + 3u * rows + r, end - 1u) * P.v_ss, f, nq, al, vn4, v_tail)), pa3, pb3, nq);
+            acc = pv_key(acc, elems(v_words(v_head + key_row(min(t0 + r, end - 1u)) * P.v_ss, f, nq, al, vn4, v_tail)), pa0, pb0, nq);
+            acc = pv_key(acc, elems(v_words(v_head + key_row(min(t0 + rows + r, end - 1u)) * P.v_ss, f, nq, al, vn4, v_tail)), pa1, pb1, nq);
+            acc = pv_key(acc, elems(v_words(v_head + key_row(min(t0 + 2u * rows + r, end - 1u)) * P.v_ss, f, nq, al, vn4, v_tail)), pa2, pb2, nq);
+            acc = pv_key(acc, elems(v_words(v_head + key_row(min(t0 + 3u * rows + r, end - 1u)) * P.v_ss, f, nq, al, vn4, v_tail)), pa3, pb3, nq);
             a0 = acc.a0;
             a1 = acc.a1;
             a2 = acc.a2;
@@ -557,7 +581,7 @@ fn partial(wg: vec3<u32>, tid: u32, nq: u32, al: bool) {
     if (tid < nh) {
         let hq = tid >> 2u;
         ws[P.lse_off + row0 + tid * P.num_splits] = sc_sh[hq][tid & 3u] + log(sc_sh[2u + hq][tid & 3u]);
-        for (var i = 1u; i < P.wg_splits && (split + i) * P.chunk_len < len; i++) {
+        for (var i = 1u; i < P.wg_splits && (split + i) * P.chunk_len < n_keys; i++) {
             ws[P.lse_off + row0 + tid * P.num_splits + i] = NEG_BIG;
         }
     }
@@ -603,20 +627,19 @@ fn store_bits(i: u32, bits: u32) {
 fn decode_merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let h = wg.x;
     let b = wg.y;
-    if (tid == 0u) {
-        len_sh = lens_buf[P.lens_off + b];
-    }
-    let len = workgroupUniformLoad(&len_sh);
+    let span = load_span(b, tid);
+    let n_keys = span.y - span.x;
     let d_len = P.head_dim;
     let out = P.o_off + b * P.o_sb + h * P.o_sh;
-    if (len == 0u || len > P.capacity) {
-        let bits = select(nan_bits(), pack_elem(0.0), len == 0u);
+    if (span.z != 0u || n_keys == 0u) {
+        let bits = select(pack_elem(0.0), nan_bits(), span.z != 0u);
         for (var d = tid; d < d_len; d += WG) {
             store_bits(out + d, bits);
         }
         return;
     }
-    let n_active = (len + P.chunk_len - 1u) / P.chunk_len;
+    // Clamped so a mis-sized num_splits can never read outside the workspace.
+    let n_active = min((n_keys + P.chunk_len - 1u) / P.chunk_len, P.num_splits);
     let rows = (b * P.q_heads + h) * P.num_splits;
 
     // Max and sum of exp of the splits' log-sum-exps: online per thread, then a tree.

@@ -1,5 +1,6 @@
 mod common;
 
+use frugal_attn::backend::{CudaWorkspace, WgpuTensor, WgpuWorkspace};
 use frugal_attn::crosslayer::reference::{HostKv, TinyModel};
 use frugal_attn::crosslayer::run::{reference, run, AttnInputs, CrossLayerCache};
 use frugal_attn::crosslayer::{
@@ -370,6 +371,80 @@ fn tiny_model_on_backend(backend: &Backend) {
     }
 }
 
+/// The decode form (one query per sequence: split-KV, head-grouped kernels on
+/// the GPUs): GQA 1/4/7, head dims 64/80/128, every dtype and mask, windows,
+/// wrapped ring slots, ragged lengths, empty intervals, and a batch-1 case
+/// long enough for several splits.
+fn decode_form(backend: &Backend) {
+    let mut seed = 100;
+    for (q_heads, kv_heads, d) in [(2, 2, 64), (8, 2, 80), (7, 1, 128)] {
+        let s = shape(3, 1, q_heads, kv_heads, d, 50);
+        for mask in [MaskMode::Causal, MaskMode::Strict, MaskMode::Full] {
+            for window in [None, Some(9)] {
+                for dtype in DType::ALL {
+                    seed += 1;
+                    let p = AttnParams::new(s, mask).with_window(window);
+                    // Ragged; sequence 1 strict at position 0 is empty.
+                    check(backend, &p, dtype, vec![37, 0, 49], vec![38, 1, 50], seed);
+                }
+            }
+        }
+        let ring = AttnParams::new(shape(2, 1, q_heads, kv_heads, d, 12), MaskMode::Causal)
+            .with_window(Some(12))
+            .with_ring(true);
+        check(backend, &ring, DType::F16, vec![130, 7], vec![131, 8], seed + 1);
+    }
+    let long = AttnParams::new(shape(1, 1, 8, 1, 64, 1500), MaskMode::Causal);
+    assert!(long.plan().unwrap().num_splits > 1);
+    check(backend, &long, DType::Bf16, vec![1400], vec![1401], 7);
+    let long_ring =
+        AttnParams::new(shape(1, 1, 4, 1, 64, 1100), MaskMode::Strict).with_window(Some(1100)).with_ring(true);
+    check(backend, &long_ring, DType::F32, vec![5000], vec![5000], 8);
+    // Empty intervals are exactly 0.
+    let p = AttnParams::new(shape(2, 1, 4, 2, 64, 8), MaskMode::Strict);
+    let x = AttnInputs::random(&p, DType::F32, vec![0, 0], vec![0, 5], &mut Rng::new(3));
+    assert!(run(backend, &p, &x).unwrap().iter().all(|&v| v == 0.0));
+}
+
+/// A GPU launcher given a workspace smaller than `workspace_bytes` names it.
+fn bad_workspace(backend: &Backend) {
+    let p = AttnParams::new(shape(1, 1, 4, 1, 64, 5000), MaskMode::Causal);
+    assert!(p.workspace_bytes() > 256);
+    assert_eq!(AttnParams::new(shape(1, 2, 4, 1, 64, 10), MaskMode::Causal).workspace_bytes(), 0);
+    if let Backend::Wgpu(w) = backend {
+        let _gate = w.exclusive();
+        let buf = |n: usize| w.upload(&vec![0u8; n.next_multiple_of(4)]);
+        let (q, k, v, pos, lens, o) = (buf(1024), buf(5000 * 256), buf(5000 * 256), buf(4), buf(4), buf(1024));
+        let ws = WgpuWorkspace::new(w, 256);
+        let t = WgpuTensor::new;
+        let mut enc = w.device().create_command_encoder(&Default::default());
+        let err = frugal_attn::crosslayer::wgpu::attend(
+            w,
+            &mut enc,
+            &p,
+            DType::F32,
+            t(&q),
+            t(&k),
+            t(&v),
+            t(&pos),
+            t(&lens),
+            t(&o),
+            &ws,
+        )
+        .unwrap_err();
+        assert_eq!(err.argument(), Some("workspace"));
+    }
+    if let Backend::Cuda(c) = backend {
+        let z = |n: usize| c.stream().alloc_zeros::<f32>(n).unwrap();
+        let (q, k, v, mut o) = (z(256), z(5000 * 64), z(5000 * 64), z(256));
+        let u = c.stream().alloc_zeros::<u32>(1).unwrap();
+        let mut ws = CudaWorkspace::new(c.stream(), 256).unwrap();
+        let err = frugal_attn::crosslayer::cuda::attend::<f32>(c, c.stream(), &p, &q, &k, &v, &u, &u, &mut o, &mut ws)
+            .unwrap_err();
+        assert_eq!(err.argument(), Some("workspace"));
+    }
+}
+
 // ------------------------------------------------------------- bad input
 
 fn bad_input(backend: &Backend) {
@@ -425,4 +500,6 @@ backend_tests!(
     cache_write_and_device_bytes,
     tiny_model_on_backend,
     bad_input,
+    decode_form,
+    bad_workspace,
 );

@@ -1,7 +1,8 @@
 //! CUDA launchers for cross-layer attention and slot writes (`kernels-cuda/crosslayer.cu`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{CudaBackend, CudaWorkspace};
+use crate::decode::cuda::{launch_split_kv, Keys, SlotKeyParams};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -60,7 +61,10 @@ fn i64s(st: &[usize; 3]) -> [i64; 3] {
 
 /// Records attention of `queries` tokens per sequence over one slot on
 /// `stream` (module docs of [`super`] for positions, masks and the ring).
-/// Asynchronous; allocates nothing.
+/// The decode form (`queries == 1`) runs the split-KV kernels
+/// (`xl_decode_partial_*`, `xl_decode_merge_*`) and needs a `workspace` of
+/// [`AttnParams::workspace_bytes`]; a chunk needs none (any workspace will
+/// do). Asynchronous; allocates nothing; `workspace` serves one stream at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn attend<T: Element>(
     backend: &CudaBackend,
@@ -72,6 +76,7 @@ pub fn attend<T: Element>(
     q_pos: &impl DevicePtr<u32>,
     kv_lens: &impl DevicePtr<u32>,
     out: &mut impl DevicePtrMut<T>,
+    workspace: &mut CudaWorkspace,
 ) -> Result<()> {
     backend.check_stream(stream)?;
     params.validate_buffers(AttnBuffers {
@@ -81,7 +86,24 @@ pub fn attend<T: Element>(
         q_pos: q_pos.len(),
         kv_lens: kv_lens.len(),
         o: out.len(),
+        workspace_bytes: workspace.bytes(),
     })?;
+    if let Some(d) = params.decode_params() {
+        let (q_ptr, _q_sync) = q.device_ptr(stream);
+        let (k_ptr, _k_sync) = k_slot.device_ptr(stream);
+        let (v_ptr, _v_sync) = v_slot.device_ptr(stream);
+        let (pos_ptr, _pos_sync) = q_pos.device_ptr(stream);
+        let (lens_ptr, _lens_sync) = kv_lens.device_ptr(stream);
+        let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
+        let sp = SlotKeyParams {
+            mask: params.mask.code() as i32,
+            window: params.window.unwrap_or(0) as i32,
+            ring: params.ring as i32,
+            pad: 0,
+        };
+        let keys = Keys::Slot { q_pos: pos_ptr, kv_lens: lens_ptr, params: sp };
+        return launch_split_kv::<T>(backend, stream, &d, [q_ptr, k_ptr, v_ptr, o_ptr], keys, workspace);
+    }
     let (s, l) = (&params.shape, &params.layout);
     let kp = KernelAttn {
         q_stride: i64s(&l.q),

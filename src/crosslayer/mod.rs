@@ -33,7 +33,7 @@ pub mod reference;
 pub mod run;
 pub mod wgpu;
 
-use crate::decode::{extent, no_overlap};
+use crate::decode::{extent, no_overlap, DecodeLayout, DecodeParams, DecodePlan, DecodeShape};
 use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
 use std::fmt;
@@ -507,10 +507,35 @@ impl AttnParams {
         slot_len(&self.shape, &self.layout.v)
     }
 
-    /// Scratch bytes a launch needs: none (one pass of online softmax per
-    /// query row). Kept so callers size workspaces the same way for every technique.
+    /// The decode form (`queries == 1`) as a dense-decode launch over the
+    /// slot (capacity = rows): the GPU launchers run it through the split-KV
+    /// kernels with this plan and workspace. `None` for a chunk of queries.
+    pub fn decode_params(&self) -> Option<DecodeParams> {
+        let (s, l) = (&self.shape, &self.layout);
+        (s.queries == 1).then(|| DecodeParams {
+            shape: DecodeShape {
+                batch: s.batch,
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+                head_dim: s.head_dim,
+                capacity: s.rows,
+            },
+            layout: DecodeLayout { q: [l.q[0], l.q[2]], k: l.k, v: l.v, o: [l.o[0], l.o[2]] },
+            scale: self.scale,
+        })
+    }
+
+    /// How the decode form splits its keys; `None` for a chunk of queries.
+    pub fn plan(&self) -> Option<DecodePlan> {
+        self.decode_params().map(|d| d.plan())
+    }
+
+    /// Scratch bytes a GPU launch needs: for the decode form, a partial
+    /// output row and log-sum-exp per (sequence, query head, split)
+    /// ([`DecodeParams::workspace_bytes`]); none for a chunk of queries (one
+    /// pass of online softmax per query row).
     pub fn workspace_bytes(&self) -> usize {
-        0
+        self.decode_params().map_or(0, |d| d.workspace_bytes())
     }
 
     pub(crate) fn validate_buffers(&self, b: AttnBuffers) -> Result<()> {
@@ -523,7 +548,14 @@ impl AttnParams {
         need("v_slot", b.v, self.v_len())?;
         need("q_pos", b.q_pos, self.shape.batch)?;
         need("kv_lens", b.kv_lens, self.shape.batch)?;
-        need("out", b.o, self.o_len())
+        need("out", b.o, self.o_len())?;
+        if let Some(d) = self.decode_params() {
+            d.validate()?;
+        }
+        let ws = self.workspace_bytes();
+        ensure(b.workspace_bytes >= ws, "workspace", || {
+            format!("holds {} bytes, this shape needs {ws}", b.workspace_bytes)
+        })
     }
 
     /// Bytes one launch moves at least: every visible K and V row once, plus
@@ -561,6 +593,7 @@ pub(crate) struct AttnBuffers {
     pub q_pos: usize,
     pub kv_lens: usize,
     pub o: usize,
+    pub workspace_bytes: usize,
 }
 
 /// A write of `tokens` new K/V rows per sequence into a slot: token `t` of

@@ -59,6 +59,8 @@ pub fn attend<T: Element>(
         q_pos: q_pos.len(),
         kv_lens: kv_lens.len(),
         o,
+        // The host loops need no scratch.
+        workspace_bytes: p.workspace_bytes(),
     })?;
     let f = |x: &[T]| x.iter().map(|e| e.to_f64()).collect::<Vec<f64>>();
     attend_f64(p, &f(q), &f(k), &f(v), q_pos, kv_lens)
@@ -74,6 +76,8 @@ pub fn attend_f64(p: &AttnParams, q: &[f64], k: &[f64], v: &[f64], q_pos: &[u32]
         q_pos: q_pos.len(),
         kv_lens: kv_lens.len(),
         o,
+        // The host loops need no scratch.
+        workspace_bytes: p.workspace_bytes(),
     })?;
     let (s, l, d) = (&p.shape, &p.layout, p.shape.head_dim);
     let mut out = vec![0.0f64; s.batch * s.queries * s.q_heads * d];

@@ -6,7 +6,7 @@
 
 use super::reference::{self, KvEngine, SlotSpec};
 use super::{AttnParams, LayerMap, MaskMode, WriteParams};
-use crate::backend::{Backend, CudaBackend, WgpuTensor};
+use crate::backend::{Backend, CudaBackend, CudaWorkspace, WgpuTensor, WgpuWorkspace};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
 use crate::host::{bytes_to_vec, HostData, Rng};
@@ -149,7 +149,11 @@ pub fn launch_attend(
                 };
                 // SAFETY: as above.
                 let mut ov = unsafe { o.transmute_mut::<T>(no) }.ok_or_else(|| cuda_err("out"))?;
-                c.time(iters, || super::cuda::attend::<T>(c, c.stream(), params, &qv, &kv, &vv, &pv, &lv, &mut ov))
+                // Allocated once per call, outside the timed launches.
+                let mut ws = CudaWorkspace::new(c.stream(), params.workspace_bytes())?;
+                c.time(iters, || {
+                    super::cuda::attend::<T>(c, c.stream(), params, &qv, &kv, &vv, &pv, &lv, &mut ov, &mut ws)
+                })
             })
         }
         (
@@ -163,7 +167,10 @@ pub fn launch_attend(
         ) => {
             let _gate = w.exclusive();
             let t = WgpuTensor::new;
-            w.time(iters, |enc| super::wgpu::attend(w, enc, params, dtype, t(q), t(k), t(v), t(pos), t(lens), t(o)))
+            let ws = WgpuWorkspace::new(w, params.workspace_bytes());
+            w.time(iters, |enc| {
+                super::wgpu::attend(w, enc, params, dtype, t(q), t(k), t(v), t(pos), t(lens), t(o), &ws)
+            })
         }
         _ => unreachable!("a buffer is only ever used with the backend that made it"),
     }

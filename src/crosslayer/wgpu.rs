@@ -1,7 +1,8 @@
 //! WGSL launchers for cross-layer attention and slot writes (`kernels-wgsl/crosslayer.wgsl`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor};
+use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::decode::wgpu::{record as record_split_kv, KeyRule, SplitKvArgs};
 use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
 
@@ -69,7 +70,11 @@ fn max_dim_check(backend: &WgpuBackend, dims: &[(&str, usize)]) -> Result<()> {
 
 /// Records attention of `queries` tokens per sequence over one slot into
 /// `encoder` (module docs of [`super`] for positions, masks and the ring).
-/// `q_pos` and `kv_lens` hold one `u32` per sequence. Nothing is submitted.
+/// `q_pos` and `kv_lens` hold one `u32` per sequence. The decode form
+/// (`queries == 1`) runs decode.wgsl's split-KV kernels and needs a
+/// `workspace` of [`AttnParams::workspace_bytes`]; a chunk needs none (any
+/// workspace will do). Nothing is submitted; the workspace must stay
+/// untouched until the work has run.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     backend: &WgpuBackend,
@@ -82,6 +87,7 @@ pub fn attend(
     q_pos: WgpuTensor<'_>,
     kv_lens: WgpuTensor<'_>,
     out: WgpuTensor<'_>,
+    workspace: &WgpuWorkspace,
 ) -> Result<()> {
     let (limits, es) = (backend.limits(), dtype.size() as u64);
     params.validate_buffers(AttnBuffers {
@@ -91,9 +97,21 @@ pub fn attend(
         q_pos: q_pos.checked_len("q_pos", 4, limits)?,
         kv_lens: kv_lens.checked_len("kv_lens", 4, limits)?,
         o: out.checked_len("out", es, limits)?,
+        workspace_bytes: workspace.bytes(),
     })?;
     for (arg, t) in [("q", &q), ("k_slot", &k_slot), ("v_slot", &v_slot), ("q_pos", &q_pos), ("kv_lens", &kv_lens)] {
         ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
+    }
+    if let Some(d) = params.decode_params() {
+        let keys = KeyRule {
+            pos: q_pos,
+            mask: params.mask.code(),
+            window: params.window.unwrap_or(0) as u32,
+            ring: params.ring,
+        };
+        let args =
+            SplitKvArgs { q, k: k_slot, v: v_slot, lens: kv_lens, out, names: ["k_slot", "v_slot", "kv_lens", "rows"] };
+        return record_split_kv(backend, encoder, &d, dtype, args, keys, workspace);
     }
     let s = &params.shape;
     max_dim_check(backend, &[("queries", s.queries), ("q_heads", s.q_heads), ("batch", s.batch)])?;

@@ -30,21 +30,62 @@ const _: () = assert!(std::mem::size_of::<KernelParams>() == 112);
 
 const BLOCK: u32 = 128;
 
-fn kernel_names(dtype: DType, head_dim: usize, vectorized: bool) -> (&'static str, &'static str) {
+/// Mirrors `struct XlKeyParams` of crosslayer.cu (16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotKeyParams {
+    pub mask: i32,
+    pub window: i32,
+    pub ring: i32,
+    pub pad: i32,
+}
+
+// SAFETY: plain-old-data, layout fixed by repr(C) and checked against the kernel's static_assert.
+unsafe impl cudarc::driver::DeviceRepr for SlotKeyParams {}
+const _: () = assert!(std::mem::size_of::<SlotKeyParams>() == 16);
+
+/// Which keys each sequence attends, and so which kernel family runs.
+#[derive(Clone, Copy)]
+pub(crate) enum Keys {
+    /// `decode_*`: positions `[0, seq_lens[b])` at rows `0..`.
+    Dense { seq_lens: u64 },
+    /// `xl_decode_*` / `xl_decode_ring_*` (crosslayer.cu, by `params.ring`):
+    /// the slot interval of `q_pos[b]`, `kv_lens[b]`.
+    Slot { q_pos: u64, kv_lens: u64, params: SlotKeyParams },
+}
+
+impl Keys {
+    /// The kernel name prefix: `decode`, `xl_decode` (plain slot) or `xl_decode_ring`.
+    fn family(&self) -> u8 {
+        match self {
+            Keys::Dense { .. } => 0,
+            Keys::Slot { params, .. } if params.ring == 0 => 1,
+            Keys::Slot { .. } => 2,
+        }
+    }
+}
+
+fn kernel_names(dtype: DType, head_dim: usize, vectorized: bool, family: u8) -> (&'static str, &'static str) {
     macro_rules! pick {
-        ($dt:literal) => {
+        ($pre:literal, $dt:literal) => {
             match (head_dim <= 128, vectorized) {
-                (true, true) => (concat!("decode_partial_", $dt, "_d128_vec"), concat!("decode_merge_", $dt)),
-                (true, false) => (concat!("decode_partial_", $dt, "_d128_scalar"), concat!("decode_merge_", $dt)),
-                (false, true) => (concat!("decode_partial_", $dt, "_d256_vec"), concat!("decode_merge_", $dt)),
-                (false, false) => (concat!("decode_partial_", $dt, "_d256_scalar"), concat!("decode_merge_", $dt)),
+                (true, true) => (concat!($pre, "_partial_", $dt, "_d128_vec"), concat!($pre, "_merge_", $dt)),
+                (true, false) => (concat!($pre, "_partial_", $dt, "_d128_scalar"), concat!($pre, "_merge_", $dt)),
+                (false, true) => (concat!($pre, "_partial_", $dt, "_d256_vec"), concat!($pre, "_merge_", $dt)),
+                (false, false) => (concat!($pre, "_partial_", $dt, "_d256_scalar"), concat!($pre, "_merge_", $dt)),
             }
         };
     }
-    match dtype {
-        DType::F32 => pick!("f32"),
-        DType::F16 => pick!("f16"),
-        DType::Bf16 => pick!("bf16"),
+    match (dtype, family) {
+        (DType::F32, 0) => pick!("decode", "f32"),
+        (DType::F16, 0) => pick!("decode", "f16"),
+        (DType::Bf16, 0) => pick!("decode", "bf16"),
+        (DType::F32, 1) => pick!("xl_decode", "f32"),
+        (DType::F16, 1) => pick!("xl_decode", "f16"),
+        (DType::Bf16, 1) => pick!("xl_decode", "bf16"),
+        (DType::F32, _) => pick!("xl_decode_ring", "f32"),
+        (DType::F16, _) => pick!("xl_decode_ring", "f16"),
+        (DType::Bf16, _) => pick!("xl_decode_ring", "bf16"),
     }
 }
 
@@ -72,12 +113,34 @@ pub fn decode<T: Element>(
         o: out.len(),
         workspace_bytes: workspace.bytes(),
     })?;
-    let (s, l, plan) = (&params.shape, &params.layout, params.plan());
     let (q_ptr, _q_sync) = q.device_ptr(stream);
     let (k_ptr, _k_sync) = k_cache.device_ptr(stream);
     let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
     let (lens_ptr, _lens_sync) = seq_lens.device_ptr(stream);
     let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
+    launch_split_kv::<T>(
+        backend,
+        stream,
+        params,
+        [q_ptr, k_ptr, v_ptr, o_ptr],
+        Keys::Dense { seq_lens: lens_ptr },
+        workspace,
+    )
+}
+
+/// Records the partial and merge kernels over device addresses `[q, k, v, out]`
+/// the caller has checked against `params` (and the workspace size), while
+/// their sync guards are alive.
+pub(crate) fn launch_split_kv<T: Element>(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    params: &DecodeParams,
+    ptrs: [u64; 4],
+    keys: Keys,
+    workspace: &mut CudaWorkspace,
+) -> Result<()> {
+    let (s, l, plan) = (&params.shape, &params.layout, params.plan());
+    let [q_ptr, k_ptr, v_ptr, o_ptr] = ptrs;
     let ws_ptr = workspace.device_ptr(stream);
     let lse_ptr = ws_ptr + 4 * params.lse_offset() as u64;
 
@@ -86,7 +149,7 @@ pub fn decode<T: Element>(
     let vectorized = (s.head_dim as u64).is_multiple_of(vec)
         && [q_ptr, k_ptr, v_ptr].iter().all(|p| p % 8 == 0)
         && l.q.iter().chain(&l.k).chain(&l.v).all(|&st| (st as u64).is_multiple_of(vec));
-    let (partial_name, merge_name) = kernel_names(T::DTYPE, s.head_dim, vectorized);
+    let (partial_name, merge_name) = kernel_names(T::DTYPE, s.head_dim, vectorized, keys.family());
     let partial = backend.function(partial_name)?;
     let merge = backend.function(merge_name)?;
 
@@ -107,37 +170,42 @@ pub fn decode<T: Element>(
     };
     let grid_y = (s.kv_heads * plan.head_chunks) as u32;
     let launch_err = |e| Error::device("cuda", format!("launching {partial_name}/{merge_name}: {e}"));
-    // SAFETY: every pointer was checked against the layout's extent above, the
-    // kernels index only inside those extents, and KernelParams matches the ABI.
+    let partial_cfg = LaunchConfig {
+        grid_dim: (plan.num_splits as u32, grid_y, s.batch as u32),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let merge_cfg =
+        LaunchConfig { grid_dim: (s.q_heads as u32, s.batch as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // Dense: (q, k, v, seq_lens, part_o, part_lse, p) and (part_o, part_lse,
+    // seq_lens, o, p). Slot: q_pos, kv_lens in place of seq_lens, and the key
+    // params last.
+    let mut pb = stream.launch_builder(&partial);
+    pb.arg(&q_ptr).arg(&k_ptr).arg(&v_ptr);
+    let mut mb = stream.launch_builder(&merge);
+    mb.arg(&ws_ptr).arg(&lse_ptr);
+    match &keys {
+        Keys::Dense { seq_lens } => {
+            pb.arg(seq_lens);
+            mb.arg(seq_lens);
+        }
+        Keys::Slot { q_pos, kv_lens, .. } => {
+            pb.arg(q_pos).arg(kv_lens);
+            mb.arg(q_pos).arg(kv_lens);
+        }
+    }
+    pb.arg(&ws_ptr).arg(&lse_ptr).arg(&kp);
+    mb.arg(&o_ptr).arg(&kp);
+    if let Keys::Slot { params: sp, .. } = &keys {
+        pb.arg(sp);
+        mb.arg(sp);
+    }
+    // SAFETY: every pointer was checked against the layout's extent by the
+    // caller, the kernels index only inside those extents, the arguments match
+    // the kernels' signatures above, and KernelParams/SlotKeyParams match the ABI.
     unsafe {
-        stream
-            .launch_builder(&partial)
-            .arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&lens_ptr)
-            .arg(&ws_ptr)
-            .arg(&lse_ptr)
-            .arg(&kp)
-            .launch(LaunchConfig {
-                grid_dim: (plan.num_splits as u32, grid_y, s.batch as u32),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            })
-            .map_err(launch_err)?;
-        stream
-            .launch_builder(&merge)
-            .arg(&ws_ptr)
-            .arg(&lse_ptr)
-            .arg(&lens_ptr)
-            .arg(&o_ptr)
-            .arg(&kp)
-            .launch(LaunchConfig {
-                grid_dim: (s.q_heads as u32, s.batch as u32, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            })
-            .map_err(launch_err)?;
+        pb.launch(partial_cfg).map_err(launch_err)?;
+        mb.launch(merge_cfg).map_err(launch_err)?;
     }
     Ok(())
 }

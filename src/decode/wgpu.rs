@@ -38,7 +38,36 @@ struct Params {
     lse_off: u32,
     scale: f32,
     wg_splits: u32,
+    pos_off: u32,
+    mask: u32,
+    window: u32,
+    ring: u32,
     pad: [u32; 2],
+}
+
+/// Which keys each sequence attends (`key_interval` of common.wgsl): dense
+/// decode is `mask` 2 (full), no window, no ring, positions ignored.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyRule<'a> {
+    /// One `u32` query position per sequence.
+    pub pos: WgpuTensor<'a>,
+    /// 0 causal, 1 strict, 2 full.
+    pub mask: u32,
+    /// 0: none.
+    pub window: u32,
+    /// Position `p` at row `p % capacity`.
+    pub ring: bool,
+}
+
+/// The tensors of one split-KV launch and the argument names errors use.
+pub(crate) struct SplitKvArgs<'a> {
+    pub q: WgpuTensor<'a>,
+    pub k: WgpuTensor<'a>,
+    pub v: WgpuTensor<'a>,
+    pub lens: WgpuTensor<'a>,
+    pub out: WgpuTensor<'a>,
+    /// Names of `k`, `v`, `lens` and of the capacity.
+    pub names: [&'static str; 4],
 }
 
 /// Records dense decode into `encoder`: `out[b, h, :] = softmax(q K^T * scale) V`
@@ -69,7 +98,34 @@ pub fn decode(
         workspace_bytes: workspace.bytes(),
     };
     params.validate_buffers(lens)?;
-    for (arg, t) in [("q", &q), ("k_cache", &k_cache), ("v_cache", &v_cache), ("seq_lens", &seq_lens)] {
+    let keys = KeyRule { pos: seq_lens, mask: 2, window: 0, ring: false };
+    let args = SplitKvArgs {
+        q,
+        k: k_cache,
+        v: v_cache,
+        lens: seq_lens,
+        out,
+        names: ["k_cache", "v_cache", "seq_lens", "capacity"],
+    };
+    record(backend, encoder, params, dtype, args, keys, workspace)
+}
+
+/// Records the partial and merge passes over buffers whose lengths the caller
+/// has checked against `params` (a workspace of `params.workspace_bytes()`).
+pub(crate) fn record(
+    backend: &WgpuBackend,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &DecodeParams,
+    dtype: DType,
+    args: SplitKvArgs<'_>,
+    keys: KeyRule<'_>,
+    workspace: &WgpuWorkspace,
+) -> Result<()> {
+    let limits = backend.limits();
+    let es = dtype.size() as u64;
+    let SplitKvArgs { q, k: k_cache, v: v_cache, lens: seq_lens, out, names: [k_name, v_name, lens_name, cap_name] } =
+        args;
+    for (arg, t) in [("q", &q), (k_name, &k_cache), (v_name, &v_cache), (lens_name, &seq_lens), ("q_pos", &keys.pos)] {
         ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
     }
     ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size, "workspace", || {
@@ -88,7 +144,7 @@ pub fn decode(
     } else {
         1
     };
-    for (what, n) in [("capacity", plan.num_splits), ("kv_heads", groups_y), ("q_heads", s.q_heads)] {
+    for (what, n) in [(cap_name, plan.num_splits), ("kv_heads", groups_y), ("q_heads", s.q_heads)] {
         ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
     }
     let u = |x: usize, arg: &str| -> Result<u32> {
@@ -97,8 +153,8 @@ pub fn decode(
     let (l, off) = (&params.layout, |t: &WgpuTensor<'_>| t.offset as usize);
     let p = Params {
         q_off: u(off(&q), "q")?,
-        k_off: u(off(&k_cache), "k_cache")?,
-        v_off: u(off(&v_cache), "v_cache")?,
+        k_off: u(off(&k_cache), k_name)?,
+        v_off: u(off(&v_cache), v_name)?,
         o_off: u(off(&out), "out")?,
         q_sb: u(l.q[0], "q_strides")?,
         q_sh: u(l.q[1], "q_strides")?,
@@ -118,17 +174,21 @@ pub fn decode(
         chunk_len: plan.chunk_len as u32,
         num_splits: plan.num_splits as u32,
         head_chunks: plan.head_chunks as u32,
-        lens_off: u(off(&seq_lens), "seq_lens")?,
+        lens_off: u(off(&seq_lens), lens_name)?,
         lse_off: u(params.lse_offset(), "workspace")?,
         scale: params.scale,
         wg_splits: wg_splits as u32,
+        pos_off: u(off(&keys.pos), "q_pos")?,
+        mask: keys.mask,
+        window: keys.window,
+        ring: keys.ring as u32,
         pad: [0; 2],
     };
     // Offsets plus the layout extents must stay inside 32-bit element indices.
     for (arg, t, len) in [
         ("q", &q, params.q_len()),
-        ("k_cache", &k_cache, params.k_len()),
-        ("v_cache", &v_cache, params.v_len()),
+        (k_name, &k_cache, params.k_len()),
+        (v_name, &v_cache, params.v_len()),
         ("out", &out, params.o_len()),
     ] {
         u(off(t) + len, arg)?;
@@ -161,12 +221,19 @@ pub fn decode(
             // K and V again, as arrays of 16-byte words.
             entry(7, k_cache.buffer),
             entry(8, v_cache.buffer),
+            entry(9, keys.pos.buffer),
         ],
     });
     let merge_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("decode_merge"),
         layout: &merge.get_bind_group_layout(0),
-        entries: &[entry(0, &uniform), entry(4, seq_lens.buffer), entry(5, workspace.buffer()), entry(6, out.buffer)],
+        entries: &[
+            entry(0, &uniform),
+            entry(4, seq_lens.buffer),
+            entry(5, workspace.buffer()),
+            entry(6, out.buffer),
+            entry(9, keys.pos.buffer),
+        ],
     });
     let mut pass =
         encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode"), timestamp_writes: None });
