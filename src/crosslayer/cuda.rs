@@ -88,13 +88,13 @@ pub fn attend<T: Element>(
         o: out.len(),
         workspace_bytes: workspace.bytes(),
     })?;
+    let (q_ptr, _q_sync) = q.device_ptr(stream);
+    let (k_ptr, _k_sync) = k_slot.device_ptr(stream);
+    let (v_ptr, _v_sync) = v_slot.device_ptr(stream);
+    let (pos_ptr, _pos_sync) = q_pos.device_ptr(stream);
+    let (lens_ptr, _lens_sync) = kv_lens.device_ptr(stream);
+    let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
     if let Some(d) = params.decode_params() {
-        let (q_ptr, _q_sync) = q.device_ptr(stream);
-        let (k_ptr, _k_sync) = k_slot.device_ptr(stream);
-        let (v_ptr, _v_sync) = v_slot.device_ptr(stream);
-        let (pos_ptr, _pos_sync) = q_pos.device_ptr(stream);
-        let (lens_ptr, _lens_sync) = kv_lens.device_ptr(stream);
-        let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
         let sp = SlotKeyParams {
             mask: params.mask.code() as i32,
             window: params.window.unwrap_or(0) as i32,
@@ -121,12 +121,6 @@ pub fn attend<T: Element>(
     };
     let (name, _) = names(T::DTYPE);
     let f = backend.function(name)?;
-    let (q_ptr, _q_sync) = q.device_ptr(stream);
-    let (k_ptr, _k_sync) = k_slot.device_ptr(stream);
-    let (v_ptr, _v_sync) = v_slot.device_ptr(stream);
-    let (pos_ptr, _pos_sync) = q_pos.device_ptr(stream);
-    let (lens_ptr, _lens_sync) = kv_lens.device_ptr(stream);
-    let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
     // SAFETY: every buffer was checked against the layout's extent, the kernel
     // indexes only inside those extents, and KernelAttn matches the ABI.
     unsafe {
