@@ -226,13 +226,14 @@ __device__ __forceinline__ void forward_impl(const T* __restrict__ q, const T* _
 // ldmatrix phase fall in distinct banks.
 // This block's own partial is formed from scratch; accumulate mode merges it
 // into the caller's (O, lse) at the end by the LSE rule, so a row that sees no
-// key of this block is left bit-identical.
+// key of this block is left bit-identical (an empty state becomes exactly 0).
 // Shared: q_sh [64][D+8], then per stage s in {0, 1}: K [64][D+8], V [64][D+8].
 
 constexpr int kMmaThreads = 128;
 constexpr int kMmaRows = 64;  // query rows per block (16 per warp)
 constexpr int kMmaKeys = 64;  // keys per KV tile
 
+#ifndef FRUGAL_CUDA_EMU  // tests/cuda_emu/ptx_emu.h stands in for these on the host
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
     return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
 }
@@ -282,6 +283,8 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const un
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+#endif
+
 // Two floats as a T pair in one register, lo in the low half (the lower column).
 template <typename T>
 __device__ __forceinline__ unsigned pack2(float lo, float hi);
@@ -296,12 +299,16 @@ __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
     return *reinterpret_cast<const unsigned*>(&h);
 }
 
+#ifndef FRUGAL_CUDA_EMU
 // 2^x (ex2.approx: 2 ulp, 2^-inf = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#else
+#include "ptx_emu.h"
+#endif
 
 // Starts the copy of rows [0, n) of a strided tensor (row stride row_st
 // elements, every row 16-byte aligned) into dst[r * (D + 8) + d]; rows [n, ROWS)
@@ -496,12 +503,13 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
         const float lse_b = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : neg_inf();
         // Every lane of the quad reads the old lse before lane tig 0 rewrites it.
         float lse_a = neg_inf();
-        if (valid && p.accumulate && lse_b != neg_inf()) lse_a = lse[row];
+        if (valid && p.accumulate) lse_a = lse[row];
         __syncwarp();
         if (!valid) continue;
         if (lse_b == neg_inf()) {
-            // Nothing seen here: the empty partial (or, accumulating, no change).
-            if (!p.accumulate) {
+            // Nothing seen here: the empty partial; accumulating, no change
+            // unless the state is empty too, which the merge rule makes (0, -inf).
+            if (lse_a == neg_inf()) {
 #pragma unroll
                 for (int n = 0; n < ND; ++n) {
                     o[row * D + n * 8 + tig * 2] = 0.f;
