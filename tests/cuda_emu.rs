@@ -71,3 +71,11 @@ fn blockwise_kernels_on_the_emulator() {
         assert!(out.trim_end().ends_with("0 failure(s)"), "{out}");
     }
 }
+
+#[test]
+fn decode_and_crosslayer_kernels_on_the_emulator() {
+    if let Some(out) = compile_and_run("decode", &[]) {
+        assert!(out.lines().filter(|l| l.starts_with("ok")).count() > 80, "{out}");
+        assert!(out.trim_end().ends_with("0 failure(s)"), "{out}");
+    }
+}

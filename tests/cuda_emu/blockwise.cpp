@@ -2,6 +2,7 @@
 // reference: the FMA and tensor-core forwards (plain and accumulating) and
 // the backward (pre-pass, dK/dV, dQ), with the grids and shared-memory sizes
 // of src/blockwise/cuda.rs. Prints one line per case; exit 1 on a mismatch.
+#define FRUGAL_EMU_EXTERN_SHARED
 #include "emu.h"
 // The kernel file, compiled as host code.
 #include "../../kernels-cuda/blockwise.cu"

@@ -43,7 +43,15 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// Static __shared__ arrays become function-local statics (one per block, as
+// blocks run one at a time); a file whose shared memory is `extern
+// __shared__` (blockwise.cu) defines FRUGAL_EMU_EXTERN_SHARED first and
+// provides the arrays itself.
+#ifdef FRUGAL_EMU_EXTERN_SHARED
 #define __shared__
+#else
+#define __shared__ static
+#endif
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define FRUGAL_CUDA_EMU 1
@@ -76,35 +84,48 @@ inline Dim grid_dim, block_dim;
 // free again before anyone publishes the next value).
 inline void warp_sync() { ctx.warp->bar.arrive_and_wait(); }
 
+// Runs every block of the grid in order with one host thread per CUDA thread
+// (spawned once per launch). Each block gets fresh barriers, since a thread
+// that returns early drops out of its block's; a launch-wide barrier that
+// nobody drops separates the blocks.
 template <typename K, typename... A>
 void launch(Dim grid, Dim block, unsigned char* smem, size_t smem_bytes, K kernel, A... args) {
     grid_dim = grid;
     block_dim = block;
     const int n = static_cast<int>(block.x * block.y * block.z);
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                if (smem) std::memset(smem, 0xff, smem_bytes);
-                std::barrier<> block_bar(n);
-                std::vector<std::unique_ptr<Warp>> warps;
-                for (int w = 0; w < (n + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, n - 32 * w)));
-                std::vector<std::thread> threads;
-                threads.reserve(n);
-                for (int t = 0; t < n; ++t)
-                    threads.emplace_back([&, t] {
-                        ctx.thread = Dim{static_cast<unsigned>(t % block.x),
-                                         static_cast<unsigned>(t / block.x % block.y),
-                                         static_cast<unsigned>(t / (block.x * block.y))};
-                        ctx.block = Dim{bx, by, bz};
-                        ctx.block_bar = &block_bar;
-                        ctx.warp = warps[t / 32].get();
-                        ctx.lane = t % 32;
-                        kernel(args...);
-                        ctx.warp->bar.arrive_and_drop();
-                        block_bar.arrive_and_drop();
-                    });
-                for (auto& th : threads) th.join();
+    const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+    struct BlockSync {
+        explicit BlockSync(int n) : bar(n) {
+            for (int w = 0; w < (n + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, n - 32 * w)));
+        }
+        std::barrier<> bar;
+        std::vector<std::unique_ptr<Warp>> warps;
+    };
+    std::vector<std::unique_ptr<BlockSync>> sync;
+    for (size_t i = 0; i < blocks; ++i) sync.push_back(std::make_unique<BlockSync>(n));
+    std::barrier<> between(n);
+    std::vector<std::thread> threads;
+    threads.reserve(n);
+    for (int t = 0; t < n; ++t)
+        threads.emplace_back([&, t] {
+            for (size_t i = 0; i < blocks; ++i) {
+                if (t == 0 && smem) std::memset(smem, 0xff, smem_bytes);
+                between.arrive_and_wait();
+                BlockSync& bs = *sync[i];
+                ctx.thread = Dim{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
+                                 static_cast<unsigned>(t / (block.x * block.y))};
+                ctx.block = Dim{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                                static_cast<unsigned>(i / (static_cast<size_t>(grid.x) * grid.y))};
+                ctx.block_bar = &bs.bar;
+                ctx.warp = bs.warps[t / 32].get();
+                ctx.lane = t % 32;
+                kernel(args...);
+                ctx.warp->bar.arrive_and_drop();
+                bs.bar.arrive_and_drop();
+                between.arrive_and_wait();  // the block is done before the next one's shared memory is poisoned
             }
+        });
+    for (auto& th : threads) th.join();
 }
 
 }  // namespace emu
@@ -127,6 +148,26 @@ T emu_shfl_from(T v, int src) {
     std::memcpy(&r, &w.u[src & 31][0], 4);
     emu::warp_sync();
     return r;
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+    const int lane = emu::ctx.lane;
+    return emu_shfl_from(v, lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+    auto& w = *emu::ctx.warp;
+    w.u[emu::ctx.lane][0] = pred != 0;
+    emu::warp_sync();
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l) r |= w.u[l][0] << l;
+    emu::warp_sync();
+    return r;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+template <typename T>
+T __ldg(const T* p) {
+    return *p;
 }
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) {
