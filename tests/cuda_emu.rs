@@ -79,3 +79,11 @@ fn decode_and_crosslayer_kernels_on_the_emulator() {
         assert!(out.trim_end().ends_with("0 failure(s)"), "{out}");
     }
 }
+
+#[test]
+fn topk_kernel_on_the_emulator() {
+    if let Some(out) = compile_and_run("topk", &[]) {
+        assert!(out.lines().filter(|l| l.starts_with("ok")).count() >= 54, "{out}");
+        assert!(out.trim_end().ends_with("0 failure(s)"), "{out}");
+    }
+}
