@@ -33,7 +33,7 @@ fn compile_and_run(name: &str, args: &[&str]) -> Option<String> {
     let exe: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda_emu_{name}"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let compiled = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-w"])
+        .args(["-std=c++20", "-O2", "-w"])
         .arg(format!("-I{}", dir.display()))
         .arg(format!("-I{}", root.join("kernels-cuda").display()))
         .arg(format!("-I{include}"))

@@ -2,13 +2,13 @@
 // checked against a reference) on a machine without a GPU.
 //
 // The kernel file is compiled as plain C++ (g++ -std=c++20) after this header:
-// every CUDA thread of a block is a host thread, __syncthreads is a block
-// barrier, and warp collectives (shuffles, and in ptx_emu.h ldmatrix, mma.sync
+// every CUDA thread of a block is a fiber, __syncthreads is a block barrier,
+// and warp collectives (shuffles, ballots, and in ptx_emu.h ldmatrix, mma.sync
 // and cp.async) exchange values through a per-warp area between two warp
 // barriers. Blocks run one after another, so shared memory is one static
-// buffer per kernel file, poisoned with 0xff bytes (NaN) before each block.
-// Threads that return early leave the barriers (arrive_and_drop), as exited
-// threads stop counting on the GPU.
+// buffer per kernel file (the extern one poisoned with 0xff bytes, NaN,
+// before each block). Threads that return early leave the barriers, as exited
+// threads stop counting on the GPU; a barrier some threads never reach aborts.
 //
 // What it checks: indexing, masking, fragment layouts as the PTX ISA defines
 // them, the cp.async group discipline (copies land only at the wait that
@@ -22,14 +22,15 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
-#include <barrier>
+#include <ucontext.h>
+
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #undef __global__
@@ -62,70 +63,139 @@ struct Dim {
     unsigned x = 1, y = 1, z = 1;
 };
 
+// A barrier of `expected` participants; a participant that returns drops out.
+// Waiting is cooperative (see Fiber): a waiter resumes once `gen` moves on.
+struct Barrier {
+    int expected = 0, arrived = 0;
+    unsigned gen = 0;
+    void arrive_and_wait();
+    void arrive_and_drop() {
+        --expected;
+        if (arrived > 0 && arrived == expected) release();
+    }
+    void release() {
+        arrived = 0;
+        ++gen;
+    }
+};
+
 struct Warp {
-    explicit Warp(int lanes) : bar(lanes) {}
-    std::barrier<> bar;
+    Barrier bar;
     uint32_t u[32][8];
     const void* p[32];
     float f[32];
 };
 
-struct Ctx {
-    Dim thread, block;
-    std::barrier<>* block_bar = nullptr;
-    Warp* warp = nullptr;
-    int lane = 0;
+// cp.async copies of one thread, in commit groups (used by ptx_emu.h).
+struct CpAsyncQueue {
+    std::vector<std::pair<void*, const void*>> open;
+    std::vector<std::vector<std::pair<void*, const void*>>> groups;
 };
 
-inline thread_local Ctx ctx;
-inline Dim grid_dim, block_dim;
+struct Ctx {
+    Dim thread, block;
+    Barrier* block_bar = nullptr;
+    Warp* warp = nullptr;
+    int lane = 0;
+    CpAsyncQueue* cp = nullptr;
+};
 
-// Both exchanges of a collective: publish, wait, read, wait (so the area is
-// free again before anyone publishes the next value).
+// The running CUDA thread's context (set by the scheduler before each resume).
+inline Ctx ctx;
+
+// Every CUDA thread of a block is a fiber (ucontext) on one host thread;
+// the scheduler resumes, round robin, each fiber whose barrier has released,
+// so runs are deterministic and a barrier that some threads never reach is
+// reported instead of hanging.
+struct Fiber {
+    ucontext_t uc;
+    std::unique_ptr<char[]> stack;
+    Ctx ctx;
+    CpAsyncQueue cp;
+    const unsigned* wait_gen = nullptr;  // resumable once *wait_gen != wait_val
+    unsigned wait_val = 0;
+    bool done = false;
+};
+
+inline ucontext_t scheduler;
+inline Fiber* current = nullptr;
+inline std::function<void()>* body = nullptr;
+constexpr size_t kStackBytes = 256 << 10;
+
+inline void Barrier::arrive_and_wait() {
+    if (++arrived == expected) {
+        release();
+        return;
+    }
+    current->wait_gen = &gen;
+    current->wait_val = gen;
+    swapcontext(&current->uc, &scheduler);
+}
+
 inline void warp_sync() { ctx.warp->bar.arrive_and_wait(); }
 
-// Runs every block of the grid in order with one host thread per CUDA thread
-// (spawned once per launch). Each block gets fresh barriers, since a thread
-// that returns early drops out of its block's; a launch-wide barrier that
-// nobody drops separates the blocks.
+inline void fiber_entry() {
+    Fiber* f = current;
+    (*body)();
+    f->ctx.warp->bar.arrive_and_drop();
+    f->ctx.block_bar->arrive_and_drop();
+    f->done = true;  // returns to the scheduler through uc_link
+}
+
+inline Dim grid_dim, block_dim;
+
+// Runs every block of the grid in order, its threads as fibers. `smem` (the
+// file's `extern __shared__` buffer, if any) is poisoned with 0xff bytes
+// (NaN) before each block.
 template <typename K, typename... A>
 void launch(Dim grid, Dim block, unsigned char* smem, size_t smem_bytes, K kernel, A... args) {
     grid_dim = grid;
     block_dim = block;
     const int n = static_cast<int>(block.x * block.y * block.z);
-    const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
-    struct BlockSync {
-        explicit BlockSync(int n) : bar(n) {
-            for (int w = 0; w < (n + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>(std::min(32, n - 32 * w)));
-        }
-        std::barrier<> bar;
-        std::vector<std::unique_ptr<Warp>> warps;
-    };
-    std::vector<std::unique_ptr<BlockSync>> sync;
-    for (size_t i = 0; i < blocks; ++i) sync.push_back(std::make_unique<BlockSync>(n));
-    std::barrier<> between(n);
-    std::vector<std::thread> threads;
-    threads.reserve(n);
-    for (int t = 0; t < n; ++t)
-        threads.emplace_back([&, t] {
-            for (size_t i = 0; i < blocks; ++i) {
-                if (t == 0 && smem) std::memset(smem, 0xff, smem_bytes);
-                between.arrive_and_wait();
-                BlockSync& bs = *sync[i];
-                ctx.thread = Dim{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
-                                 static_cast<unsigned>(t / (block.x * block.y))};
-                ctx.block = Dim{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
-                                static_cast<unsigned>(i / (static_cast<size_t>(grid.x) * grid.y))};
-                ctx.block_bar = &bs.bar;
-                ctx.warp = bs.warps[t / 32].get();
-                ctx.lane = t % 32;
-                kernel(args...);
-                ctx.warp->bar.arrive_and_drop();
-                bs.bar.arrive_and_drop();
-                between.arrive_and_wait();  // the block is done before the next one's shared memory is poisoned
+    std::vector<Fiber> fibers(n);
+    for (auto& f : fibers) f.stack.reset(new char[kStackBytes]);
+    std::function<void()> run = [&] { kernel(args...); };
+    body = &run;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                if (smem) std::memset(smem, 0xff, smem_bytes);
+                Barrier block_bar{n};
+                std::vector<Warp> warps((n + 31) / 32);
+                for (size_t w = 0; w < warps.size(); ++w) warps[w].bar.expected = std::min(32, n - 32 * (int)w);
+                for (int t = 0; t < n; ++t) {
+                    Fiber& f = fibers[t];
+                    f.cp = CpAsyncQueue{};
+                    f.ctx = Ctx{Dim{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
+                                    static_cast<unsigned>(t / (block.x * block.y))},
+                                Dim{bx, by, bz}, &block_bar, &warps[t / 32], t % 32, &f.cp};
+                    f.wait_gen = nullptr;
+                    f.done = false;
+                    getcontext(&f.uc);
+                    f.uc.uc_stack.ss_sp = f.stack.get();
+                    f.uc.uc_stack.ss_size = kStackBytes;
+                    f.uc.uc_link = &scheduler;
+                    makecontext(&f.uc, fiber_entry, 0);
+                }
+                for (int left = n; left > 0;) {
+                    bool progress = false;
+                    for (auto& f : fibers) {
+                        if (f.done || (f.wait_gen && *f.wait_gen == f.wait_val)) continue;
+                        f.wait_gen = nullptr;
+                        ctx = f.ctx;
+                        current = &f;
+                        swapcontext(&scheduler, &f.uc);
+                        progress = true;
+                        if (f.done) --left;
+                    }
+                    if (!progress) {
+                        std::fprintf(stderr, "cuda emulator: block (%u, %u, %u): %d threads wait at a barrier the others never reach\n",
+                                     bx, by, bz, left);
+                        std::abort();
+                    }
+                }
             }
-        });
-    for (auto& th : threads) th.join();
+    body = nullptr;
 }
 
 }  // namespace emu

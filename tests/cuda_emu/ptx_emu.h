@@ -4,14 +4,9 @@
 // "Matrix Fragments for mma.m16n8k16" (f16/bf16) and ldmatrix sections.
 #pragma once
 
-// cp.async: copies queue per thread and land at the cp.async.wait_group that
-// covers their group, so reading a stage before its wait sees stale data.
-struct EmuCpAsync {
-    std::vector<std::pair<void*, const void*>> open;
-    std::vector<std::vector<std::pair<void*, const void*>>> groups;
-};
-inline thread_local EmuCpAsync emu_cp;
-
+// cp.async: copies queue per thread (emu::CpAsyncQueue) and land at the
+// cp.async.wait_group that covers their group, so reading a stage before its
+// wait sees stale data.
 inline void emu_require(bool ok, const char* what) {
     if (!ok) {
         std::fprintf(stderr, "cuda emulator: %s\n", what);
@@ -22,17 +17,19 @@ inline void emu_require(bool ok, const char* what) {
 inline void cp_async16(void* dst, const void* src) {
     emu_require(reinterpret_cast<uintptr_t>(dst) % 16 == 0, "cp.async: shared address not 16-byte aligned");
     emu_require(reinterpret_cast<uintptr_t>(src) % 16 == 0, "cp.async: global address not 16-byte aligned");
-    emu_cp.open.emplace_back(dst, src);
+    emu::ctx.cp->open.emplace_back(dst, src);
 }
 inline void cp_async_commit() {
-    emu_cp.groups.push_back(std::move(emu_cp.open));
-    emu_cp.open.clear();
+    auto& q = *emu::ctx.cp;
+    q.groups.push_back(std::move(q.open));
+    q.open.clear();
 }
 template <int N>
 inline void cp_async_wait() {
-    while (static_cast<int>(emu_cp.groups.size()) > N) {
-        for (auto& [d, s] : emu_cp.groups.front()) std::memcpy(d, s, 16);
-        emu_cp.groups.erase(emu_cp.groups.begin());
+    auto& q = *emu::ctx.cp;
+    while (static_cast<int>(q.groups.size()) > N) {
+        for (auto& [d, s] : q.groups.front()) std::memcpy(d, s, 16);
+        q.groups.erase(q.groups.begin());
     }
 }
 
