@@ -447,6 +447,47 @@ fn bad_workspace(backend: &Backend) {
 
 // ------------------------------------------------------------- bad input
 
+/// A written argument (`out`, the workspace, a slot) sharing its wgpu buffer
+/// with another is refused, naming it, in both attention forms and in slot
+/// writes. CPU and CUDA take what they write by `&mut`, so safe Rust already
+/// rules the aliasing out there.
+fn aliasing(backend: &Backend) {
+    let Backend::Wgpu(w) = backend else { return };
+    let _gate = w.exclusive();
+    let buf = || w.upload(&[0u8; 4096]);
+    let (q, k, v, pos, lens, o) = (buf(), buf(), buf(), buf(), buf(), buf());
+    for queries in [1, 2] {
+        let p = AttnParams::new(shape(1, queries, 2, 1, 16, 8), MaskMode::Causal);
+        let ws = WgpuWorkspace::new(w, p.workspace_bytes());
+        let launch = |[q, k, v, pos, lens, o]: [&wgpu::Buffer; 6]| {
+            let mut enc = w.device().create_command_encoder(&Default::default());
+            let (dt, ws, t) = (DType::F32, &ws, WgpuTensor::new);
+            frugal_attn::crosslayer::wgpu::attend(w, &mut enc, &p, dt, t(q), t(k), t(v), t(pos), t(lens), t(o), ws)
+        };
+        launch([&q, &k, &v, &pos, &lens, &o]).unwrap_or_else(|e| panic!("{queries} queries: distinct buffers: {e}"));
+        let wsb = ws.buffer();
+        let cases: [([&wgpu::Buffer; 6], &str, &str); 5] = [
+            ([&q, &k, &v, &pos, &lens, &q], "out", "out = q"),
+            ([&q, &k, &v, &pos, &lens, &k], "out", "out = k_slot"),
+            ([&q, &k, &v, &pos, &o, &o], "out", "out = kv_lens"),
+            ([wsb, &k, &v, &pos, &lens, &o], "workspace", "q = workspace"),
+            ([&q, &k, &v, &pos, &lens, wsb], "out", "out = workspace"),
+        ];
+        for (buffers, arg, case) in cases {
+            common::assert_refused(launch(buffers), arg, &format!("{queries} queries, {case}"));
+        }
+    }
+    let wp = WriteParams::new(1, 1, 1, 16, 8, false);
+    let write = |[nk, nv, start, ks, vs]: [&wgpu::Buffer; 5]| {
+        let (mut enc, t) = (w.device().create_command_encoder(&Default::default()), WgpuTensor::new);
+        frugal_attn::crosslayer::wgpu::write(w, &mut enc, &wp, DType::F32, t(nk), t(nv), t(start), t(ks), t(vs))
+    };
+    write([&q, &v, &pos, &k, &o]).unwrap_or_else(|e| panic!("write: distinct buffers rejected: {e}"));
+    common::assert_refused(write([&q, &v, &pos, &q, &o]), "k_slot", "write, k_slot = new_k");
+    common::assert_refused(write([&q, &v, &pos, &k, &k]), "k_slot", "write, v_slot = k_slot");
+    common::assert_refused(write([&q, &v, &o, &k, &o]), "v_slot", "write, v_slot = start");
+}
+
 fn bad_input(backend: &Backend) {
     let s = shape(1, 2, 4, 2, 64, 10);
     let arg = |p: AttnParams| {
@@ -502,4 +543,5 @@ backend_tests!(
     bad_input,
     decode_form,
     bad_workspace,
+    aliasing,
 );

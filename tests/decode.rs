@@ -196,6 +196,39 @@ fn bad_input(backend: &Backend) {
 
 backend_tests!(bad_input);
 
+/// A written tensor (`out`, the workspace) sharing its wgpu buffer with
+/// another argument is refused, naming it. CPU and CUDA take what they write
+/// by `&mut`, so safe Rust already rules the aliasing out there.
+fn aliasing(backend: &Backend) {
+    use frugal_attn::backend::{WgpuTensor, WgpuWorkspace};
+    let Backend::Wgpu(w) = backend else { return };
+    let _gate = w.exclusive();
+    let p = DecodeParams::new(shape(1, 2, 1, 16, 8));
+    let buf = || w.upload(&[0u8; 4096]);
+    let (q, k, v, o) = (buf(), buf(), buf(), buf());
+    let lens = w.upload(bytemuck::cast_slice(&[1u32]));
+    let ws = WgpuWorkspace::new(w, p.workspace_bytes());
+    let launch = |[q, k, v, s, o]: [&wgpu::Buffer; 5]| {
+        let mut enc = w.device().create_command_encoder(&Default::default());
+        let t = WgpuTensor::new;
+        frugal_attn::decode::wgpu::decode(w, &mut enc, &p, DType::F32, t(q), t(k), t(v), t(s), t(o), &ws)
+    };
+    launch([&q, &k, &v, &lens, &o]).unwrap_or_else(|e| panic!("distinct buffers rejected: {e}"));
+    let wsb = ws.buffer();
+    let cases: [([&wgpu::Buffer; 5], &str, &str); 5] = [
+        ([&q, &k, &v, &lens, &q], "out", "out = q"),
+        ([&q, &k, &v, &lens, &v], "out", "out = v_cache"),
+        ([&q, &k, &v, &o, &o], "out", "out = seq_lens"),
+        ([wsb, &k, &v, &lens, &o], "workspace", "q = workspace"),
+        ([&q, &k, &v, &lens, wsb], "out", "out = workspace"),
+    ];
+    for (buffers, arg, case) in cases {
+        common::assert_refused(launch(buffers), arg, case);
+    }
+}
+
+backend_tests!(aliasing);
+
 /// Engines keep K and V of many layers in one buffer: tensors at element offsets.
 #[test]
 fn wgpu_offsets_and_shared_buffers() {

@@ -283,6 +283,46 @@ fn bad_input(backend: &Backend) {
     assert_eq!(e.argument(), Some("seq_lens"), "{backend:?}: {e}");
 }
 
+/// A written argument (`out`, the workspace, the cache when filled or
+/// appended to) sharing its wgpu buffer with another is refused, naming it.
+/// CPU and CUDA take what they write by `&mut`, so safe Rust already rules the
+/// aliasing out there.
+fn aliasing(backend: &Backend) {
+    use frugal_attn::backend::{WgpuTensor, WgpuWorkspace};
+    use frugal_attn::sparq::wgpu::{sparq, SparqCache};
+    let Backend::Wgpu(w) = backend else { return };
+    let _gate = w.exclusive();
+    let p = params(1, 2, 1, 16, 64, cfg(4, 8, GqaMode::Shared));
+    let mut cache = SparqCache::new(w, p.cache, DType::F32).unwrap();
+    let (q, o, kv) = (w.upload(&[0u8; 4096]), w.upload(&[0u8; 4096]), w.upload(&[0u8; 4096]));
+    let ws = WgpuWorkspace::new(w, p.workspace_bytes());
+    let mut enc = w.device().create_command_encoder(&Default::default());
+    fn t(buffer: &wgpu::Buffer) -> WgpuTensor<'_> {
+        WgpuTensor::new(buffer)
+    }
+    let strides = [64 * 16, 64 * 16, 16];
+    let cache_k = cache.buffers()[0].clone();
+    let fill = |cache: &mut SparqCache, enc: &mut wgpu::CommandEncoder, k: &wgpu::Buffer| {
+        cache.fill(w, enc, t(k), strides, t(&kv), strides, &[1])
+    };
+    fill(&mut cache, &mut enc, &kv).unwrap_or_else(|e| panic!("fill from distinct buffers rejected: {e}"));
+    common::assert_refused(fill(&mut cache, &mut enc, &cache_k), "cache", "fill with k = the cache's K");
+    common::assert_refused(
+        cache.append(w, &mut enc, t(&cache_k), t(&kv)),
+        "cache",
+        "append with k_new = the cache's K",
+    );
+    let step =
+        |enc: &mut wgpu::CommandEncoder, q: &wgpu::Buffer, o: &wgpu::Buffer| sparq(w, enc, &p, &cache, t(q), t(o), &ws);
+    step(&mut enc, &q, &o).unwrap_or_else(|e| panic!("a step on distinct buffers rejected: {e}"));
+    common::assert_refused(step(&mut enc, &q, &q), "out", "out = q");
+    common::assert_refused(step(&mut enc, &q, &cache_k), "out", "out = the cache's K");
+    common::assert_refused(step(&mut enc, ws.buffer(), &o), "workspace", "q = workspace");
+    common::assert_refused(step(&mut enc, &q, ws.buffer()), "out", "out = workspace");
+}
+
+backend_tests!(aliasing);
+
 /// Fills sequence 0 to the capacity, then appends one more token.
 fn appended_past_capacity(backend: &Backend, p: &SparqParams, x: &SparqInputs) -> Result<(), Error> {
     use frugal_attn::backend::WgpuTensor;

@@ -111,4 +111,24 @@ fn bad_input(backend: &Backend) {
     }
 }
 
-backend_tests!(matches_reference, strides_and_ties, bad_input);
+/// An output sharing its wgpu buffer with another argument is refused,
+/// naming it. CPU and CUDA take their outputs by `&mut`, so safe Rust already
+/// rules the aliasing out there.
+fn aliasing(backend: &Backend) {
+    use frugal_attn::backend::WgpuTensor;
+    let Backend::Wgpu(w) = backend else { return };
+    let _gate = w.exclusive();
+    let p = TopkParams::new(3, 100, 10);
+    let (x, idx, val) = (w.upload(&[0u8; 4096]), w.upload(&[0u8; 4096]), w.upload(&[0u8; 4096]));
+    let launch = |[x, idx, val]: [&wgpu::Buffer; 3]| {
+        let mut enc = w.device().create_command_encoder(&Default::default());
+        let t = WgpuTensor::new;
+        frugal_attn::topk::wgpu::topk(w, &mut enc, &p, DType::F32, t(x), t(idx), t(val))
+    };
+    launch([&x, &idx, &val]).unwrap_or_else(|e| panic!("distinct buffers rejected: {e}"));
+    common::assert_refused(launch([&x, &x, &val]), "indices", "indices = x");
+    common::assert_refused(launch([&x, &idx, &x]), "values", "values = x");
+    common::assert_refused(launch([&x, &idx, &idx]), "indices", "values = indices");
+}
+
+backend_tests!(matches_reference, strides_and_ties, bad_input, aliasing);

@@ -2,7 +2,7 @@
 //! device and queue, a pipeline cache, buffers, and the caller-owned workspace.
 
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{ensure, Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -107,6 +107,27 @@ impl WgpuBackend {
 
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Refuses a dispatch with more workgroups along one axis than this device
+    /// allows; `dims` are `(argument that sets the count, count)`.
+    pub(crate) fn check_workgroups(&self, dims: &[(&str, usize)]) -> Result<()> {
+        let max = self.limits.max_compute_workgroups_per_dimension as usize;
+        for &(arg, n) in dims {
+            ensure(n <= max, arg, || format!("needs {n} workgroups along one axis, the device allows {max}"))?;
+        }
+        Ok(())
+    }
+
+    /// Workgroups of `wg` threads for one thread per item: `(x, y)` with
+    /// `x * y * wg >= items`, each within the device limit (`Err` naming `arg` beyond it).
+    pub(crate) fn flat_groups(&self, items: usize, wg: usize, arg: &str) -> Result<(u32, u32)> {
+        let max = self.limits.max_compute_workgroups_per_dimension as usize;
+        let groups = items.div_ceil(wg).max(1);
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        ensure(y <= max, arg, || format!("needs {groups} workgroups, more than this device dispatches"))?;
+        Ok((x as u32, y as u32))
     }
 
     /// `"<adapter name> (<backend>)"`.
@@ -294,6 +315,28 @@ impl<'a> WgpuTensor<'a> {
     }
 }
 
+/// One buffer a launch binds, as [`check_distinct_buffers`] sees it: the
+/// argument's name, its buffer, and whether the launch writes it.
+pub(crate) type BoundBuffer<'a> = (&'a str, &'a wgpu::Buffer, bool);
+
+/// Refuses a buffer a launch writes that is also bound as another of its
+/// arguments, naming the written one. wgpu cannot bind one buffer read-only
+/// and writable in a dispatch (a validation error that loses the whole
+/// submission), and two writable bindings of one buffer pass validation but
+/// clobber each other (an output in the workspace is silently overwritten).
+/// Buffers, not byte ranges, are compared: bindings cover whole buffers.
+pub(crate) fn check_distinct_buffers(args: &[BoundBuffer<'_>]) -> Result<()> {
+    for (i, &(a, buf_a, writes_a)) in args.iter().enumerate() {
+        for &(b, buf_b, writes_b) in &args[i + 1..] {
+            if (writes_a || writes_b) && buf_a == buf_b {
+                let (written, other) = if writes_a { (a, b) } else { (b, a) };
+                return Err(Error::invalid(written, format!("shares its buffer with `{other}`")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Scratch memory a caller allocates once and hands to every launch.
 pub struct WgpuWorkspace {
     buffer: wgpu::Buffer,
@@ -316,5 +359,19 @@ impl WgpuWorkspace {
 
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+
+    /// The workspace as a written argument of [`check_distinct_buffers`].
+    pub(crate) fn bound(&self) -> BoundBuffer<'_> {
+        ("workspace", &self.buffer, true)
+    }
+
+    /// Checks that the workspace can be bound as storage on this device and returns its size in bytes.
+    pub(crate) fn checked_bytes(&self, limits: &wgpu::Limits) -> Result<usize> {
+        let max = limits.max_storage_buffer_binding_size;
+        ensure(self.buffer.size() <= max, "workspace", || {
+            format!("{} bytes exceed this device's max_storage_buffer_binding_size {max}", self.buffer.size())
+        })?;
+        Ok(self.bytes())
     }
 }

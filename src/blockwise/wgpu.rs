@@ -7,9 +7,9 @@
 //! tensor a launcher writes must not share its buffer with any other argument.
 
 use super::{check_lens, BlockParams, BlockShape, Mask};
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor};
+use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor};
 use crate::dtype::DType;
-use crate::error::{ensure, Error, Result};
+use crate::error::{Error, Result};
 
 const FILE: &str = "blockwise.wgsl";
 const SOURCE: &str = include_str!("../../kernels-wgsl/blockwise.wgsl");
@@ -107,41 +107,8 @@ fn lens(backend: &WgpuBackend, tensors: &[(&'static str, &WgpuTensor<'_>, u64)])
     tensors.iter().map(|(arg, t, es)| t.checked_len(arg, *es, backend.limits())).collect()
 }
 
-/// Refuses a written tensor that shares its buffer with another argument:
-/// wgpu cannot bind one buffer both read-only and writable in a dispatch, and
-/// two writable views of one buffer could overlap.
-fn check_buffers_distinct(tensors: &[(&'static str, &WgpuTensor<'_>, bool)]) -> Result<()> {
-    for (i, (a, ta, wa)) in tensors.iter().enumerate() {
-        for (b, tb, wb) in &tensors[i + 1..] {
-            if (*wa || *wb) && ta.buffer == tb.buffer {
-                let (w, other) = if *wa { (a, b) } else { (b, a) };
-                return Err(Error::invalid(*w, format!("shares its buffer with `{other}`")));
-            }
-        }
-    }
-    Ok(())
-}
-
 fn off(t: &WgpuTensor<'_>, arg: &str) -> Result<u32> {
     u32_of(t.offset, arg)
-}
-
-/// Workgroups for one thread per item: `(x, y)` with `x * y * WG >= n`, `x` within the device limit.
-fn flat_groups(backend: &WgpuBackend, n: usize, arg: &'static str) -> Result<(u32, u32)> {
-    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
-    let groups = n.div_ceil(WG).max(1);
-    let x = groups.min(max);
-    let y = groups.div_ceil(x);
-    ensure(y <= max, arg, || format!("needs {groups} workgroups, more than this device dispatches"))?;
-    Ok((x as u32, y as u32))
-}
-
-fn check_grid(backend: &WgpuBackend, dims: [(usize, &'static str); 3]) -> Result<()> {
-    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
-    for (n, arg) in dims {
-        ensure(n <= max, arg, || format!("needs {n} workgroups along one axis, the device allows {max}"))?;
-    }
-    Ok(())
 }
 
 /// Records one dispatch of `entry` with `params` and the given bindings.
@@ -196,16 +163,16 @@ pub fn forward(
     let es = dtype.size() as u64;
     let have = lens(backend, &[("q", &q, es), ("k", &k, es), ("v", &v, es), ("o", &o, 4), ("lse", &lse, 4)])?;
     check_lens(&params.forward_needs(), &have)?;
-    check_buffers_distinct(&[
-        ("q", &q, false),
-        ("k", &k, false),
-        ("v", &v, false),
-        ("o", &o, true),
-        ("lse", &lse, true),
+    check_distinct_buffers(&[
+        ("q", q.buffer, false),
+        ("k", k.buffer, false),
+        ("v", v.buffer, false),
+        ("o", o.buffer, true),
+        ("lse", lse.buffer, true),
     ])?;
     let s = &params.shape;
     let tiles = s.q_len.div_ceil(BQ);
-    check_grid(backend, [(tiles, "q_len"), (s.q_heads, "q_heads"), (s.batch, "batch")])?;
+    backend.check_workgroups(&[("q_len", tiles), ("q_heads", s.q_heads), ("batch", s.batch)])?;
     let p = Params {
         q_off: off(&q, "q")?,
         k_off: off(&k, "k")?,
@@ -234,8 +201,13 @@ pub fn merge(
     shape.validate()?;
     let have = lens(backend, &[("o", &o, 4), ("lse", &lse, 4), ("o_b", &o_b, 4), ("lse_b", &lse_b, 4)])?;
     check_lens(&shape.merge_needs(), &have)?;
-    check_buffers_distinct(&[("o", &o, true), ("lse", &lse, true), ("o_b", &o_b, false), ("lse_b", &lse_b, false)])?;
-    let (gx, gy) = flat_groups(backend, shape.lse_elems(), "shape")?;
+    check_distinct_buffers(&[
+        ("o", o.buffer, true),
+        ("lse", lse.buffer, true),
+        ("o_b", o_b.buffer, false),
+        ("lse_b", lse_b.buffer, false),
+    ])?;
+    let (gx, gy) = backend.flat_groups(shape.lse_elems(), WG, "shape")?;
     let p = Params {
         o_off: off(&o, "o")?,
         lse_off: off(&lse, "lse")?,
@@ -263,8 +235,8 @@ pub fn finalize(
     params.validate()?;
     let have = lens(backend, &[("o", &o, 4), ("lse", &lse, 4), ("out", &out, dtype.size() as u64)])?;
     check_lens(&params.finalize_needs(), &have)?;
-    check_buffers_distinct(&[("o", &o, false), ("lse", &lse, false), ("out", &out, true)])?;
-    let (gx, gy) = flat_groups(backend, params.shape.o_elems(), "shape")?;
+    check_distinct_buffers(&[("o", o.buffer, false), ("lse", lse.buffer, false), ("out", out.buffer, true)])?;
+    let (gx, gy) = backend.flat_groups(params.shape.o_elems(), WG, "shape")?;
     let p = Params {
         o_off: off(&o, "o")?,
         lse_off: off(&lse, "lse")?,
@@ -290,8 +262,8 @@ pub fn backward_prepass(
     params.validate()?;
     let have = lens(backend, &[("o", &o, 4), ("d_o", &d_o, dtype.size() as u64), ("delta", &delta, 4)])?;
     check_lens(&params.prepass_needs(), &have)?;
-    check_buffers_distinct(&[("o", &o, false), ("d_o", &d_o, false), ("delta", &delta, true)])?;
-    let (gx, gy) = flat_groups(backend, params.shape.lse_elems(), "shape")?;
+    check_distinct_buffers(&[("o", o.buffer, false), ("d_o", d_o.buffer, false), ("delta", delta.buffer, true)])?;
+    let (gx, gy) = backend.flat_groups(params.shape.lse_elems(), WG, "shape")?;
     let p = Params {
         o_off: off(&o, "o")?,
         do_off: off(&d_o, "d_o")?,
@@ -340,21 +312,21 @@ pub fn backward(
         ],
     )?;
     check_lens(&params.backward_needs(), &have)?;
-    check_buffers_distinct(&[
-        ("q", &q, false),
-        ("k", &k, false),
-        ("v", &v, false),
-        ("d_o", &d_o, false),
-        ("lse", &lse, false),
-        ("delta", &delta, false),
-        ("dq", &dq, true),
-        ("dk", &dk, true),
-        ("dv", &dv, true),
+    check_distinct_buffers(&[
+        ("q", q.buffer, false),
+        ("k", k.buffer, false),
+        ("v", v.buffer, false),
+        ("d_o", d_o.buffer, false),
+        ("lse", lse.buffer, false),
+        ("delta", delta.buffer, false),
+        ("dq", dq.buffer, true),
+        ("dk", dk.buffer, true),
+        ("dv", dv.buffer, true),
     ])?;
     let s = &params.shape;
     let (q_tiles, kv_tiles) = (s.q_len.div_ceil(BQ), s.kv_len.div_ceil(dkv_tile_keys(s.head_dim)));
-    check_grid(backend, [(q_tiles, "q_len"), (s.q_heads, "q_heads"), (s.batch, "batch")])?;
-    check_grid(backend, [(kv_tiles, "kv_len"), (s.kv_heads, "kv_heads"), (s.batch, "batch")])?;
+    backend.check_workgroups(&[("q_len", q_tiles), ("q_heads", s.q_heads), ("batch", s.batch)])?;
+    backend.check_workgroups(&[("kv_len", kv_tiles), ("kv_heads", s.kv_heads), ("batch", s.batch)])?;
     let base = Params {
         q_off: off(&q, "q")?,
         k_off: off(&k, "k")?,

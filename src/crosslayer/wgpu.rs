@@ -1,10 +1,10 @@
 //! WGSL launchers for cross-layer attention and slot writes (`kernels-wgsl/crosslayer.wgsl`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor, WgpuWorkspace};
 use crate::decode::wgpu::{record as record_split_kv, KeyRule, SplitKvArgs};
 use crate::dtype::DType;
-use crate::error::{ensure, Error, Result};
+use crate::error::{Error, Result};
 
 const FILE: &str = "crosslayer.wgsl";
 const SOURCE: &str = include_str!("../../kernels-wgsl/crosslayer.wgsl");
@@ -60,14 +60,6 @@ fn u32s(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
     Ok([u32_of(st[0], arg)?, u32_of(st[1], arg)?, u32_of(st[2], arg)?])
 }
 
-fn max_dim_check(backend: &WgpuBackend, dims: &[(&str, usize)]) -> Result<()> {
-    let max = backend.limits().max_compute_workgroups_per_dimension as usize;
-    for &(what, n) in dims {
-        ensure(n <= max, what, || format!("needs {n} workgroups along one axis, the device allows {max}"))?;
-    }
-    Ok(())
-}
-
 /// Records attention of `queries` tokens per sequence over one slot into
 /// `encoder` (module docs of [`super`] for positions, masks and the ring).
 /// `q_pos` and `kv_lens` hold one `u32` per sequence. The decode form
@@ -99,9 +91,16 @@ pub fn attend(
         o: out.checked_len("out", es, limits)?,
         workspace_bytes: workspace.bytes(),
     })?;
-    for (arg, t) in [("q", &q), ("k_slot", &k_slot), ("v_slot", &v_slot), ("q_pos", &q_pos), ("kv_lens", &kv_lens)] {
-        ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
-    }
+    // The chunk form binds no workspace; refusing an aliased one in both forms keeps one rule.
+    check_distinct_buffers(&[
+        ("q", q.buffer, false),
+        ("k_slot", k_slot.buffer, false),
+        ("v_slot", v_slot.buffer, false),
+        ("q_pos", q_pos.buffer, false),
+        ("kv_lens", kv_lens.buffer, false),
+        ("out", out.buffer, true),
+        workspace.bound(),
+    ])?;
     if let Some(d) = params.decode_params() {
         let keys = KeyRule {
             pos: q_pos,
@@ -114,7 +113,7 @@ pub fn attend(
         return record_split_kv(backend, encoder, &d, dtype, args, keys, workspace);
     }
     let s = &params.shape;
-    max_dim_check(backend, &[("queries", s.queries), ("q_heads", s.q_heads), ("batch", s.batch)])?;
+    backend.check_workgroups(&[("queries", s.queries), ("q_heads", s.q_heads), ("batch", s.batch)])?;
     for (arg, t, len) in [
         ("q", &q, params.q_len()),
         ("k_slot", &k_slot, params.k_len()),
@@ -191,14 +190,15 @@ pub fn write(
         k_slot.checked_len("k_slot", es, limits)?,
         v_slot.checked_len("v_slot", es, limits)?,
     )?;
-    ensure(k_slot.buffer != v_slot.buffer, "v_slot", || "shares its buffer with `k_slot`".into())?;
-    for slot in [&k_slot, &v_slot] {
-        for (arg, t) in [("new_k", &new_k), ("new_v", &new_v), ("start", &start)] {
-            ensure(t.buffer != slot.buffer, arg, || "shares its buffer with a slot".into())?;
-        }
-    }
+    check_distinct_buffers(&[
+        ("new_k", new_k.buffer, false),
+        ("new_v", new_v.buffer, false),
+        ("start", start.buffer, false),
+        ("k_slot", k_slot.buffer, true),
+        ("v_slot", v_slot.buffer, true),
+    ])?;
     let rows_x = params.tokens * params.kv_heads;
-    max_dim_check(backend, &[("tokens", rows_x), ("batch", params.batch)])?;
+    backend.check_workgroups(&[("tokens", rows_x), ("batch", params.batch)])?;
     for (arg, t, len) in [
         ("new_k", &new_k, params.new_len()),
         ("new_v", &new_v, params.new_len()),

@@ -1,9 +1,9 @@
 //! WGSL launchers for dense decode (`kernels-wgsl/decode.wgsl`).
 
 use super::{BufferLens, DecodeParams, HEADS_PER_BLOCK};
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor, WgpuWorkspace};
 use crate::dtype::DType;
-use crate::error::{ensure, Error, Result};
+use crate::error::{Error, Result};
 
 const FILE: &str = "decode.wgsl";
 const SOURCE: &str = include_str!("../../kernels-wgsl/decode.wgsl");
@@ -98,6 +98,14 @@ pub fn decode(
         workspace_bytes: workspace.bytes(),
     };
     params.validate_buffers(lens)?;
+    check_distinct_buffers(&[
+        ("q", q.buffer, false),
+        ("k_cache", k_cache.buffer, false),
+        ("v_cache", v_cache.buffer, false),
+        ("seq_lens", seq_lens.buffer, false),
+        ("out", out.buffer, true),
+        workspace.bound(),
+    ])?;
     let keys = KeyRule { pos: seq_lens, mask: 2, window: 0, ring: false };
     let args = SplitKvArgs {
         q,
@@ -111,7 +119,8 @@ pub fn decode(
 }
 
 /// Records the partial and merge passes over buffers whose lengths the caller
-/// has checked against `params` (a workspace of `params.workspace_bytes()`).
+/// has checked against `params` (a workspace of `params.workspace_bytes()`)
+/// and that share no buffer with a written one (`out`, the workspace).
 pub(crate) fn record(
     backend: &WgpuBackend,
     encoder: &mut wgpu::CommandEncoder,
@@ -125,15 +134,9 @@ pub(crate) fn record(
     let es = dtype.size() as u64;
     let SplitKvArgs { q, k: k_cache, v: v_cache, lens: seq_lens, out, names: [k_name, v_name, lens_name, cap_name] } =
         args;
-    for (arg, t) in [("q", &q), (k_name, &k_cache), (v_name, &v_cache), (lens_name, &seq_lens), ("q_pos", &keys.pos)] {
-        ensure(t.buffer != out.buffer, "out", || format!("shares its buffer with `{arg}`"))?;
-    }
-    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size, "workspace", || {
-        "exceeds this device's max_storage_buffer_binding_size".into()
-    })?;
+    workspace.checked_bytes(limits)?;
     let plan = params.plan();
     let s = &params.shape;
-    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
     let groups_y = s.kv_heads * plan.head_chunks;
     // A CPU adapter runs workgroups on a few threads, so each one's fixed cost
     // (staging q, merging its row lanes) matters more than their number: give
@@ -144,9 +147,12 @@ pub(crate) fn record(
     } else {
         1
     };
-    for (what, n) in [(cap_name, plan.num_splits), ("kv_heads", groups_y), ("q_heads", s.q_heads)] {
-        ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
-    }
+    backend.check_workgroups(&[
+        (cap_name, plan.num_splits),
+        ("kv_heads", groups_y),
+        ("batch", s.batch),
+        ("q_heads", s.q_heads),
+    ])?;
     let u = |x: usize, arg: &str| -> Result<u32> {
         u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
     };

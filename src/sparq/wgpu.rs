@@ -3,7 +3,7 @@
 //! (scores, select, gather, merge) sharing one workspace.
 
 use super::{validate_append, validate_fill, GqaMode, SparqCacheShape, SparqParams};
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{check_distinct_buffers, BoundBuffer, WgpuBackend, WgpuTensor, WgpuWorkspace};
 use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
 
@@ -157,8 +157,9 @@ impl SparqCache {
         [&self.k, &self.kt, &self.v, &self.mean, &self.lens]
     }
 
-    fn owns(&self, buffer: &wgpu::Buffer) -> bool {
-        self.buffers().contains(&buffer)
+    /// The cache's buffers as arguments of [`check_distinct_buffers`], all named `cache`.
+    fn bound(&self, written: bool) -> [BoundBuffer<'_>; 5] {
+        self.buffers().map(|b| ("cache", b, written))
     }
 
     fn base_params(&self) -> Params {
@@ -195,8 +196,10 @@ impl SparqCache {
         let v_len = v.checked_len("v", es, limits)?;
         let s = self.shape;
         validate_fill(&s, (k_len, k_strides), (v_len, v_strides), seq_lens)?;
-        ensure(!self.owns(k.buffer), "k", || "is one of the cache's own buffers".into())?;
-        ensure(!self.owns(v.buffer), "v", || "is one of the cache's own buffers".into())?;
+        check_distinct_buffers(
+            &[[("k", k.buffer, false), ("v", v.buffer, false)].as_slice(), &self.bound(true)].concat(),
+        )?;
+        backend.check_workgroups(&[("kv_heads", s.kv_heads), ("batch", s.batch)])?;
         let longest = seq_lens.iter().copied().max().unwrap_or(0) as usize;
         let extent = |st: &[usize; 3]| {
             crate::decode::extent(&[(s.batch, st[0]), (s.kv_heads, st[1]), (longest.max(1), st[2])], s.head_dim)
@@ -291,8 +294,9 @@ impl SparqCache {
         let k_len = k_new.checked_len("k_new", es, limits)?;
         let v_len = v_new.checked_len("v_new", es, limits)?;
         validate_append(&self.shape, &self.host_lens, k_len, v_len)?;
-        ensure(!self.owns(k_new.buffer), "k_new", || "is one of the cache's own buffers".into())?;
-        ensure(!self.owns(v_new.buffer), "v_new", || "is one of the cache's own buffers".into())?;
+        let new = [("k_new", k_new.buffer, false), ("v_new", v_new.buffer, false)];
+        check_distinct_buffers(&[new.as_slice(), &self.bound(true)].concat())?;
+        backend.check_workgroups(&[("batch", self.shape.batch)])?;
         let need = self.shape.mean_len();
         let mut p = self.base_params();
         p.src_off = u32_of(k_new.offset as usize, "k_new")?;
@@ -347,31 +351,23 @@ pub fn sparq(
     let es = dtype.size() as u64;
     let q_len = q.checked_len("q", es, limits)?;
     let o_len = out.checked_len("out", es, limits)?;
-    params.validate_step(&cache.shape, q_len, o_len, workspace.bytes())?;
-    ensure(out.buffer != q.buffer, "out", || "shares its buffer with `q`".into())?;
-    ensure(!cache.owns(out.buffer), "out", || "shares its buffer with the cache".into())?;
-    ensure(out.buffer != workspace.buffer(), "out", || "shares its buffer with the workspace".into())?;
-    ensure(q.buffer != workspace.buffer(), "q", || "shares its buffer with the workspace".into())?;
-    ensure(workspace.bytes() as u64 <= limits.max_storage_buffer_binding_size, "workspace", || {
-        "exceeds this device's max_storage_buffer_binding_size".into()
-    })?;
+    params.validate_step(&cache.shape, q_len, o_len, workspace.checked_bytes(limits)?)?;
+    let args = [("q", q.buffer, false), ("out", out.buffer, true), workspace.bound()];
+    check_distinct_buffers(&[args.as_slice(), &cache.bound(false)].concat())?;
 
     let plan = params.plan();
     let s = &params.cache;
     let cfg = &params.config;
-    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
     let groups_y = s.kv_heads * plan.head_chunks;
     let select_x = if cfg.gqa == GqaMode::Shared { s.kv_heads } else { params.q_heads };
-    for (what, n) in [
+    backend.check_workgroups(&[
         ("capacity", plan.score_splits),
         ("k", plan.gather_splits),
         ("kv_heads", groups_y),
         ("q_heads", params.q_heads),
         ("q_heads", select_x),
         ("batch", s.batch),
-    ] {
-        ensure(n <= max_dim, what, || format!("needs {n} workgroups along one axis, the device allows {max_dim}"))?;
-    }
+    ])?;
     u32_of(plan.words, "workspace")?;
     u32_of(q.offset as usize + params.q_len(), "q")?;
     u32_of(out.offset as usize + params.o_len(), "out")?;

@@ -1,9 +1,9 @@
 //! WGSL launcher for top-k (`kernels-wgsl/topk.wgsl`).
 
 use super::TopkParams;
-use crate::backend::wgpu::{WgpuBackend, WgpuTensor};
+use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor};
 use crate::dtype::DType;
-use crate::error::{ensure, Error, Result};
+use crate::error::{Error, Result};
 
 const FILE: &str = "topk.wgsl";
 const SOURCE: &str = include_str!("../../kernels-wgsl/topk.wgsl");
@@ -39,11 +39,12 @@ pub fn topk(
         indices.checked_len("indices", 4, limits)?,
         values.checked_len("values", es, limits)?,
     )?;
-    ensure(indices.buffer != x.buffer, "indices", || "shares its buffer with `x`".into())?;
-    ensure(values.buffer != x.buffer, "values", || "shares its buffer with `x`".into())?;
-    ensure(values.buffer != indices.buffer, "values", || "shares its buffer with `indices`".into())?;
-    let max_dim = limits.max_compute_workgroups_per_dimension as usize;
-    ensure(params.rows <= max_dim, "rows", || format!("{} exceeds this device's {max_dim} workgroups", params.rows))?;
+    check_distinct_buffers(&[
+        ("x", x.buffer, false),
+        ("indices", indices.buffer, true),
+        ("values", values.buffer, true),
+    ])?;
+    backend.check_workgroups(&[("rows", params.rows)])?;
     let u = |v: usize, arg: &str| -> Result<u32> {
         u32::try_from(v).map_err(|_| Error::invalid(arg, format!("{v} does not fit the kernel's 32-bit indices")))
     };

@@ -59,3 +59,11 @@ macro_rules! backend_tests {
         )*
     };
 }
+
+/// Asserts that a launch was refused with an error naming `arg`; `case` says which launch, for the message.
+pub fn assert_refused(result: Result<(), frugal_attn::Error>, arg: &str, case: &str) {
+    match result {
+        Err(e) => assert_eq!(e.argument(), Some(arg), "{case}: expected an error naming `{arg}`, got: {e}"),
+        Ok(()) => panic!("{case}: expected an error naming `{arg}`, the launch was accepted"),
+    }
+}
