@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the emulated CUDA driver (driver.cpp): OUT/libcuda.so, whose kernels
+# are kernels-cuda/*.cu compiled as host C++. Usage:
+#   tests/cuda_emu/build_driver.sh CUDA_INCLUDE_DIR OUT_DIR
+# then run the CUDA tests with LD_LIBRARY_PATH=OUT_DIR (cudarc loads libcuda.so).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+include="$1"
+out="$2"
+mkdir -p "$out"
+cxx="${CXX:-c++}"
+flags=(-std=c++20 -O2 -w -fPIC -I"$out" -I"$here" -I"$here/../../kernels-cuda" -I"$include")
+# The kernel names, from the preprocessed files (the kernels are defined through macros).
+for tu in static extern; do
+  "$cxx" "${flags[@]}" -E -P -DFRUGAL_EMU_LISTING "$here/kernels_$tu.cpp" | tr "\n" " " \
+    | grep -oE 'extern "C" +void +(bw|decode|xl|sparq|topk)_[A-Za-z0-9_]+ *\(' \
+    | sed -E 's/extern "C" +void +([A-Za-z0-9_]+) *\(/FRUGAL_EMU_KERNEL(\1)/' | sort -u > "$out/kernels_$tu.inc"
+done
+"$cxx" "${flags[@]}" -shared "$here/driver.cpp" "$here/kernels_static.cpp" "$here/kernels_extern.cpp" -o "$out/libcuda.so"
+wc -l "$out"/kernels_*.inc | tail -n 1
