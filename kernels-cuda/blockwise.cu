@@ -5,7 +5,9 @@
 // backward as a pre-pass (delta), a dK/dV kernel per KV tile looping over query
 // rows and a dQ kernel per Q tile looping over keys: no float atomics.
 //
-// Plain f32 FMA on CUDA cores (no mma.sync): 128 threads as 16 x 8
+// f16/bf16 at head_dim 64/128 with 16-byte aligned rows: the forward and
+// backward on tensor cores (forward_mma_impl, dkv_mma_impl, dq_mma_impl).
+// Everything else: plain f32 FMA on CUDA cores, 128 threads as 16 x 8
 // (ty = tid / 8, tx = tid % 8); scores are register micro-tiles (rows of ty,
 // keys of tx) over shared-memory f32 tiles with an odd row stride; outputs are
 // per-thread register tiles (rows of ty, columns tx + 8c).
@@ -329,6 +331,46 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, long long 
     }
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Fragment helpers, for a row-major shared tile with row stride ST elements
+// (lane = 4 grp + tig; the m16n8k16 register layouts of the PTX ISA):
+// frag_a: A operand (16 rows x 16 k) at rows r0.., k-columns c0..; matrices
+//   m0 rows +0..7 cols +0..7, m1 rows +8..15 cols +0..7, m2 rows +0..7 cols
+//   +8..15, m3 rows +8..15 cols +8..15, so a[0..3] = (row grp, k 2tig),
+//   (grp + 8, 2tig), (grp, 2tig + 8), (grp + 8, 2tig + 8).
+// frag_b_nk: B operands of two n-tiles when the tile is stored [n][k] (B = tile^T):
+//   rows r0.. are n, columns c0.. are k; matrices m0 n +0..7 k +0..7, m1 n +0..7
+//   k +8..15, m2 n +8..15 k +0..7, m3 n +8..15 k +8..15; b[0] = k 2tig..2tig+1,
+//   b[1] = k 2tig+8..2tig+9 at n = grp of n-tile 0; b[2], b[3] the same for n-tile 1.
+// frag_b_kn: B operands of two n-tiles when the tile is stored [k][n] (ldmatrix
+//   .trans): rows r0.. are k, columns c0.. are n; matrices m0 k +0..7 n +0..7,
+//   m1 k +8..15 n +0..7, m2 k +0..7 n +8..15, m3 k +8..15 n +8..15; after the
+//   transpose lane holds k 2tig, 2tig + 1 at n = grp, so b[0], b[1] serve n-tile
+//   0 and b[2], b[3] n-tile 1.
+// acc_to_a: the accumulators of n-tiles 2kt and 2kt + 1 (c0, c1 = row grp,
+//   columns 2tig, 2tig + 1; c2, c3 = row grp + 8) are, packed to T, the A
+//   fragment of k-columns 16kt..16kt + 15.
+template <int ST, typename T>
+__device__ __forceinline__ void frag_a(unsigned (&a)[4], const T* tile, int r0, int c0, int lane) {
+    ldmatrix_x4(a, tile + (r0 + (lane & 15)) * ST + c0 + (lane >> 4) * 8);
+}
+template <int ST, typename T>
+__device__ __forceinline__ void frag_b_nk(unsigned (&b)[4], const T* tile, int r0, int c0, int lane) {
+    ldmatrix_x4(b, tile + (r0 + (lane & 7) + ((lane >> 4) << 3)) * ST + c0 + ((lane >> 3) & 1) * 8);
+}
+template <int ST, typename T>
+__device__ __forceinline__ void frag_b_kn(unsigned (&b)[4], const T* tile, int r0, int c0, int lane) {
+    ldmatrix_x4_trans(b, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ST + c0 + (lane >> 4) * 8);
+}
+template <typename T>
+__device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = pack2<T>(lo[0], lo[1]);
+    a[1] = pack2<T>(lo[2], lo[3]);
+    a[2] = pack2<T>(hi[0], hi[1]);
+    a[3] = pack2<T>(hi[2], hi[3]);
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
                                                  const T* __restrict__ v, float* __restrict__ o,
@@ -339,7 +381,6 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
     constexpr int KD = D / 16;  // k-steps over the head dim (S = Q K^T)
     constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (O)
     constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S)
-    constexpr float kLog2e = 1.4426950408889634f;
     constexpr float kLn2 = 0.6931471805599453f;
     extern __shared__ __align__(16) unsigned char bw_mma_smem[];
     T* q_sh = reinterpret_cast<T*>(bw_mma_smem);
@@ -383,7 +424,7 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
     if (ntiles > 0) {
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk)
-            ldmatrix_x4(qf[kk], q_sh + (warp * 16 + (lane & 15)) * ST + kk * 16 + (lane >> 4) * 8);
+            frag_a<ST>(qf[kk], q_sh, warp * 16, kk * 16, lane);
     }
 
     for (int t = 0; t < ntiles; ++t) {
@@ -415,8 +456,7 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
 #pragma unroll
             for (int np = 0; np < NK / 2; ++np) {
                 unsigned kf[4];
-                ldmatrix_x4(kf, ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ST + kk * 16 +
-                                    ((lane >> 3) & 1) * 8);
+                frag_b_nk<ST>(kf, ks, np * 16, kk * 16, lane);
                 mma_16816<T>(s[2 * np], qf[kk], kf[0], kf[1]);
                 mma_16816<T>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
             }
@@ -475,14 +515,12 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
         // (matrices: keys +0..7 dims +0..7, keys +8..15 dims +0..7, keys +0..7 dims +8..15, +8..15 +8..15).
 #pragma unroll
         for (int kt = 0; kt < NK / 2; ++kt) {
-            const unsigned pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
-                                    pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                                    pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+            unsigned pa[4];
+            acc_to_a<T>(pa, s[2 * kt], s[2 * kt + 1]);
 #pragma unroll
             for (int dp = 0; dp < ND / 2; ++dp) {
                 unsigned vf[4];
-                ldmatrix_x4_trans(vf, vs + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ST + dp * 16 +
-                                          (lane >> 4) * 8);
+                frag_b_kn<ST>(vf, vs, kt * 16, dp * 16, lane);
                 mma_16816<T>(acc[2 * dp], pa, vf[0], vf[1]);
                 mma_16816<T>(acc[2 * dp + 1], pa, vf[2], vf[3]);
             }
@@ -851,6 +889,355 @@ __device__ __forceinline__ void dq_impl(const T* __restrict__ q, const T* __rest
     }
 }
 
+// ---------------------------------------------------------------------------
+// Tensor-core backward for f16/bf16 at head_dim 64 and 128 (FlashAttention-2
+// order, mma.sync m16n8k16, f32 accumulators): a dK/dV kernel per 64-key tile
+// and a dQ kernel per 64-row query tile, same contract and launch conditions as
+// forward_mma_impl (every Q/K/V/dO row 16-byte aligned). P is recomputed from
+// the forward's LSE in the log2 domain: P = 2^(scale log2(e) s - log2(e) lse).
+// A query row that must contribute nothing (past q_len, or lse = -inf) gets
+// log2(e) lse = +inf, so 2^(finite - inf) = 0 gives P = 0 and dS = 0 without a
+// mask; keys past kv_len and the causal mask are masked explicitly (only on
+// tiles that cross them).
+
+// log2(e) lse for a query row, +inf where the row contributes nothing (see above).
+__device__ __forceinline__ float lse_log2(const float* lse, long long row, bool valid) {
+    if (!valid) return -neg_inf();
+    const float l = lse[row];
+    return l == neg_inf() ? -neg_inf() : l * kLog2e;
+}
+
+// Query rows per step of the dK/dV kernel: 64 at D = 64; 32 at D = 128, where
+// the dK and dV accumulators alone take 128 registers a lane.
+template <int D>
+struct DkvMma {
+    static constexpr int kQRows = D == 64 ? 64 : 32;
+};
+
+// dK/dV on tensor cores. Block: 4 warps, warp w owns keys 16w..16w+15 of a
+// 64-key tile of one (sequence, kv head); K and V stay in shared memory, the
+// query steps (the group's query heads x kQRows-row steps from the first row
+// that sees key j0) stream through two cp.async stages of Q, dO and the rows'
+// (log2(e) lse, delta).
+// Why S^T = K Q^T rather than S = Q K^T: with keys as the M dimension the
+// accumulators of S^T and dP^T are already in the (keys x queries) layout that
+// dV += P^T dO and dK += dS^T Q take as their A operand (acc_to_a), so P and dS
+// never go through shared memory; the softmax statistics are per query, i.e.
+// per accumulator column, and are read from shared memory per column.
+// Per step, per warp (keys = the warp's 16, queries = the step's kQRows):
+//   S^T  += K Q^T:    A = K   [keys][dims]   frag_a(k_sh, 16w, 16kk)
+//                     B = Q^T (k = dims, n = queries), Q stored [queries][dims]: frag_b_nk(q)
+//   dP^T += V dO^T:   A = V   frag_a(v_sh, 16w, 16kk); B = dO^T: frag_b_nk(dO)
+//   P^T = 2^(S^T scale log2e - lse2[query]), dS^T = P^T (dP^T - delta[query]), masked
+//   dV   += P^T dO:   A = P^T acc_to_a(s[2kt], s[2kt+1]) (k = queries 16kt..)
+//                     B = dO  (k = queries, n = dims), stored [queries][dims]: frag_b_kn(dO)
+//   dK   += dS^T Q:   A = dS^T acc_to_a(ds[2kt], ds[2kt+1]); B = Q frag_b_kn(q)
+// Accumulator element e of n-tile n: key 16w + grp + 8(e >> 1), column
+// 8n + 2tig + (e & 1) (a query for S^T/dP^T, a dim for dK/dV).
+// K/V A fragments are re-read per step (ldmatrix is cheap) rather than held:
+// at D = 128 they would take 64 more registers a lane.
+// End: dK += scale dK_acc, dV += dV_acc into the caller's f32 tensors.
+// Shared: K, V [64][D+8]; per stage s: Q, dO [kQRows][D+8]; then per stage
+// lse2, delta [kQRows] f32.
+template <typename T, int D>
+__device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                             const T* __restrict__ v, const T* __restrict__ d_o,
+                                             const float* __restrict__ lse, const float* __restrict__ delta,
+                                             float* __restrict__ dk, float* __restrict__ dv, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the tensor-core backward covers head_dim 64 and 128");
+    constexpr int BKV = kMmaKeys, BQ = DkvMma<D>::kQRows;
+    constexpr int ST = D + 8;
+    constexpr int KD = D / 16;  // k-steps over the head dim (S^T, dP^T)
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (dK, dV)
+    constexpr int NQ = BQ / 8;  // 8-wide n-tiles over the step's queries (S^T, dP^T)
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    T* k_sh = reinterpret_cast<T*>(bw_mma_smem);
+    T* v_sh = k_sh + BKV * ST;
+    T* qdo_sh = v_sh + BKV * ST;  // stage s: Q at qdo_sh + 2 s BQ ST, dO right after
+    float* row_sh = reinterpret_cast<float*>(qdo_sh + 4 * BQ * ST);  // stage s: lse2 at row_sh + 2 s BQ, delta after
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, grp = lane >> 2, tig = lane & 3;
+    const int j0 = blockIdx.x * BKV, g = blockIdx.y, b = blockIdx.z;
+    const int groups = p.q_heads / p.kv_heads;
+    const int nk = min(BKV, p.kv_len - j0);
+    // Causal: rows before i_start see none of these keys.
+    const int i_start = (p.causal && p.k0 + j0 > p.q0) ? p.k0 + j0 - p.q0 : 0;
+    if (i_start >= p.q_len) return;  // no row sees these keys: dK/dV unchanged (whole block leaves)
+    const int qsteps = (p.q_len - i_start + BQ - 1) / BQ;
+    const int nsteps = groups * qsteps;
+    const float sl2 = p.scale * kLog2e;
+
+    // Step t: query head g groups + t / qsteps, rows i_start + (t % qsteps) BQ.., into stage t & 1.
+    auto stage = [&](int t) {
+        const int h = g * groups + t / qsteps;
+        const int i0 = i_start + (t % qsteps) * BQ;
+        const int rows = min(BQ, p.q_len - i0);
+        T* qs = qdo_sh + (t & 1) * 2 * BQ * ST;
+        load_tile_async<T, D, BQ>(qs, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
+                                  rows);
+        load_tile_async<T, D, BQ>(qs + BQ * ST, d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2],
+                                  p.o_st[2], rows);
+        float* rs = row_sh + (t & 1) * 2 * BQ;
+        const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+        for (int r = tid; r < BQ; r += kMmaThreads) {
+            const float l2 = lse_log2(lse, row0 + r, r < rows);
+            rs[r] = l2;
+            rs[BQ + r] = (l2 == -neg_inf()) ? 0.f : delta[row0 + r];
+        }
+    };
+
+    load_tile_async<T, D, BKV>(k_sh, k + b * p.k_st[0] + g * p.k_st[1] + (long long)j0 * p.k_st[2], p.k_st[2], nk);
+    load_tile_async<T, D, BKV>(v_sh, v + b * p.v_st[0] + g * p.v_st[1] + (long long)j0 * p.v_st[2], p.v_st[2], nk);
+    stage(0);
+    cp_async_commit();
+
+    float dk_acc[ND][4], dv_acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+
+    for (int t = 0; t < nsteps; ++t) {
+        // Prefetch the next step into the other stage (freed by the previous
+        // iteration's closing barrier); the group is empty on the last step.
+        if (t + 1 < nsteps) stage(t + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this step's group (and K/V with step 0) has landed
+        __syncthreads();
+        const int i0 = i_start + (t % qsteps) * BQ;
+        const T* qs = qdo_sh + (t & 1) * 2 * BQ * ST;
+        const T* dos = qs + BQ * ST;
+        const float* l2s = row_sh + (t & 1) * 2 * BQ;
+        const float* dls = l2s + BQ;
+
+        float s[NQ][4], ds[NQ][4];  // S^T, then P^T; dP^T, then dS^T
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            unsigned ka[4], va[4];
+            frag_a<ST>(ka, k_sh, warp * 16, kk * 16, lane);
+            frag_a<ST>(va, v_sh, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int np = 0; np < NQ / 2; ++np) {
+                unsigned qb[4], ob[4];
+                frag_b_nk<ST>(qb, qs, np * 16, kk * 16, lane);
+                frag_b_nk<ST>(ob, dos, np * 16, kk * 16, lane);
+                mma_16816<T>(s[2 * np], ka, qb[0], qb[1]);
+                mma_16816<T>(s[2 * np + 1], ka, qb[2], qb[3]);
+                mma_16816<T>(ds[2 * np], va, ob[0], ob[1]);
+                mma_16816<T>(ds[2 * np + 1], va, ob[2], ob[3]);
+            }
+        }
+
+        // Mask only steps that hold keys past kv_len or cross the causal
+        // diagonal (the block's last key against the step's first row; j0 + BKV
+        // <= kv_len keeps the sum below i32::MAX). Rows past q_len have lse2 = +inf.
+        const bool need_mask = (j0 + BKV > p.kv_len) || (p.causal && p.k0 + j0 + BKV - 1 > p.q0 + i0);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int jl = warp * 16 + grp + (e >> 1) * 8;  // key in the tile
+                const int il = n * 8 + tig * 2 + (e & 1);       // query in the step
+                bool seen = true;
+                if (need_mask) seen = jl < nk && i0 + il < p.q_len && visible(p, i0 + il, j0 + jl);
+                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2s[il]) : 0.f;
+                s[n][e] = pr;
+                ds[n][e] = pr * (ds[n][e] - dls[il]);
+            }
+
+        // dV += P^T dO, dK += dS^T Q over the step's queries, 16 at a time.
+#pragma unroll
+        for (int kt = 0; kt < NQ / 2; ++kt) {
+            unsigned pa[4], dsa[4];
+            acc_to_a<T>(pa, s[2 * kt], s[2 * kt + 1]);
+            acc_to_a<T>(dsa, ds[2 * kt], ds[2 * kt + 1]);
+#pragma unroll
+            for (int dn = 0; dn < ND / 2; ++dn) {
+                unsigned ob[4], qb[4];
+                frag_b_kn<ST>(ob, dos, kt * 16, dn * 16, lane);
+                frag_b_kn<ST>(qb, qs, kt * 16, dn * 16, lane);
+                mma_16816<T>(dv_acc[2 * dn], pa, ob[0], ob[1]);
+                mma_16816<T>(dv_acc[2 * dn + 1], pa, ob[2], ob[3]);
+                mma_16816<T>(dk_acc[2 * dn], dsa, qb[0], qb[1]);
+                mma_16816<T>(dk_acc[2 * dn + 1], dsa, qb[2], qb[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+    const long long kv_row0 = ((long long)b * p.kv_heads + g) * p.kv_len + j0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int jl = warp * 16 + grp + r * 8;
+        if (jl >= nk) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const long long idx = (kv_row0 + jl) * D + n * 8 + tig * 2 + c;
+                dk[idx] += p.scale * dk_acc[n][2 * r + c];
+                dv[idx] += dv_acc[n][2 * r + c];
+            }
+    }
+}
+
+// dQ on tensor cores. Block: 4 warps, warp w owns query rows 16w..16w+15 of a
+// 64-row tile of one (sequence, query head); Q and dO stay in shared memory,
+// KV tiles of 64 keys (only those the rows see) double-buffered through
+// cp.async as in forward_mma_impl. Per KV tile, per warp (rows = the warp's
+// 16 queries, keys = the tile's 64):
+//   S  += Q K^T:    A = Q  [rows][dims]  frag_a(q_sh, 16w, 16kk)
+//                   B = K^T (k = dims, n = keys), K stored [keys][dims]: frag_b_nk(k)
+//   dP += dO V^T:   A = dO frag_a(do_sh, 16w, 16kk); B = V^T: frag_b_nk(v)
+//   P = 2^(S scale log2e - lse2[row]), dS = P (dP - delta[row]), masked
+//   dQ += dS K:     A = dS acc_to_a(ds[2kt], ds[2kt+1]) (k = keys 16kt..)
+//                   B = K (k = keys, n = dims), stored [keys][dims]: frag_b_kn(k)
+// Accumulator element e of n-tile n: row 16w + grp + 8(e >> 1), column
+// 8n + 2tig + (e & 1) (a key for S/dP, a dim for dQ); each lane holds lse2 and
+// delta of its two rows in registers. Q/dO A fragments are re-read per tile
+// (ldmatrix) rather than held: at D = 128 they would take 64 registers a lane.
+// End: dQ += scale dQ_acc into the caller's f32 dQ.
+// Shared: Q, dO [64][D+8]; per stage s: K, V [64][D+8].
+template <typename T, int D>
+__device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                            const T* __restrict__ v, const T* __restrict__ d_o,
+                                            const float* __restrict__ lse, const float* __restrict__ delta,
+                                            float* __restrict__ dq, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the tensor-core backward covers head_dim 64 and 128");
+    constexpr int BQ = kMmaRows, BK = kMmaKeys;
+    constexpr int ST = D + 8;
+    constexpr int KD = D / 16;  // k-steps over the head dim (S, dP)
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (dQ)
+    constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S, dP)
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    T* q_sh = reinterpret_cast<T*>(bw_mma_smem);
+    T* do_sh = q_sh + BQ * ST;
+    T* kv_sh = do_sh + BQ * ST;  // stage s: K at kv_sh + 2 s BK ST, V right after
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, grp = lane >> 2, tig = lane & 3;
+    // Causal: the tiles with the most keys first, so the short ones fill the tail.
+    const int qt = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int i0 = qt * BQ, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (p.q_heads / p.kv_heads);
+    const int rows = min(BQ, p.q_len - i0);
+    const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+    const int kend = keys_end(p, i0 + rows - 1);
+    const int ntiles = (kend + BK - 1) / BK;
+    if (ntiles == 0) return;  // no row sees a key: dQ unchanged (whole block leaves)
+    const T* kb = k + b * p.k_st[0] + g * p.k_st[1];
+    const T* vb = v + b * p.v_st[0] + g * p.v_st[1];
+    const float sl2 = p.scale * kLog2e;
+
+    // log2(e) lse and delta of rows grp (index 0) and grp + 8 (index 1) of this warp.
+    float l2[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = warp * 16 + grp + r * 8;
+        l2[r] = lse_log2(lse, row0 + i, i < rows);
+        dl[r] = (l2[r] == -neg_inf()) ? 0.f : delta[row0 + i];
+    }
+
+    load_tile_async<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2], rows);
+    load_tile_async<T, D, BQ>(do_sh, d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2], p.o_st[2],
+                              rows);
+    {
+        const int nk = min(BK, kend);
+        load_tile_async<T, D, BK>(kv_sh, kb, p.k_st[2], nk);
+        load_tile_async<T, D, BK>(kv_sh + BK * ST, vb, p.v_st[2], nk);
+    }
+    cp_async_commit();
+
+    float acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int j0 = t * BK;
+        if (t + 1 < ntiles) {
+            const int jn = j0 + BK;
+            const int nk = min(BK, kend - jn);
+            T* kn = kv_sh + ((t + 1) & 1) * 2 * BK * ST;
+            load_tile_async<T, D, BK>(kn, kb + (long long)jn * p.k_st[2], p.k_st[2], nk);
+            load_tile_async<T, D, BK>(kn + BK * ST, vb + (long long)jn * p.v_st[2], p.v_st[2], nk);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group (and Q/dO with tile 0) has landed
+        __syncthreads();
+        const T* ks = kv_sh + (t & 1) * 2 * BK * ST;
+        const T* vs = ks + BK * ST;
+
+        float s[NK][4], ds[NK][4];  // S, then P; dP, then dS
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            unsigned qa[4], oa[4];
+            frag_a<ST>(qa, q_sh, warp * 16, kk * 16, lane);
+            frag_a<ST>(oa, do_sh, warp * 16, kk * 16, lane);
+#pragma unroll
+            for (int np = 0; np < NK / 2; ++np) {
+                unsigned kf[4], vf[4];
+                frag_b_nk<ST>(kf, ks, np * 16, kk * 16, lane);
+                frag_b_nk<ST>(vf, vs, np * 16, kk * 16, lane);
+                mma_16816<T>(s[2 * np], qa, kf[0], kf[1]);
+                mma_16816<T>(s[2 * np + 1], qa, kf[2], kf[3]);
+                mma_16816<T>(ds[2 * np], oa, vf[0], vf[1]);
+                mma_16816<T>(ds[2 * np + 1], oa, vf[2], vf[3]);
+            }
+        }
+
+        // Mask as in forward_mma_impl: only tiles that cross the key end or the
+        // causal diagonal of the block's first row. Keys in [kend, j0 + BK) are
+        // zero rows, hidden by that mask (kend < kv_len only when causal hides them).
+        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int i = warp * 16 + grp + r * 8;
+                const int j = j0 + n * 8 + tig * 2 + (e & 1);
+                bool seen = true;
+                if (need_mask) seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
+                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2[r]) : 0.f;
+                ds[n][e] = pr * (ds[n][e] - dl[r]);
+            }
+
+        // dQ += dS K over the tile's keys, 16 at a time.
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt) {
+            unsigned dsa[4];
+            acc_to_a<T>(dsa, ds[2 * kt], ds[2 * kt + 1]);
+#pragma unroll
+            for (int dn = 0; dn < ND / 2; ++dn) {
+                unsigned kf[4];
+                frag_b_kn<ST>(kf, ks, kt * 16, dn * 16, lane);
+                mma_16816<T>(acc[2 * dn], dsa, kf[0], kf[1]);
+                mma_16816<T>(acc[2 * dn + 1], dsa, kf[2], kf[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = warp * 16 + grp + r * 8;
+        if (i >= rows) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) dq[(row0 + i) * D + n * 8 + tig * 2 + c] += p.scale * acc[n][2 * r + c];
+    }
+}
+
 }  // namespace frugal_bw
 
 // ---------------------------------------------------------------------------
@@ -899,10 +1286,29 @@ extern "C" __global__ void __launch_bounds__(frugal_bw::kThreads)
         frugal_bw::forward_mma_impl<T, D>(q, k, v, o, lse, p);                                                 \
     }
 
-BW_MMA_FORWARD(f16, __half, 64)
-BW_MMA_FORWARD(f16, __half, 128)
-BW_MMA_FORWARD(bf16, __nv_bfloat16, 64)
-BW_MMA_FORWARD(bf16, __nv_bfloat16, 128)
+// Tensor-core backward: bw_dkv_mma_<f16|bf16>_d<64|128> (grid: 64-key tiles x
+// kv heads x batch) and bw_dq_mma_<f16|bf16>_d<64|128> (grid: 64-row tiles x
+// query heads x batch).
+#define BW_MMA_BACKWARD(NAME, T, D)                                                                            \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kMmaThreads)                                       \
+        bw_dkv_mma_##NAME##_d##D(const T* q, const T* k, const T* v, const T* d_o, const float* lse,           \
+                                 const float* delta, float* dk, float* dv, frugal_bw::BwParams p) {            \
+        frugal_bw::dkv_mma_impl<T, D>(q, k, v, d_o, lse, delta, dk, dv, p);                                    \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kMmaThreads)                                       \
+        bw_dq_mma_##NAME##_d##D(const T* q, const T* k, const T* v, const T* d_o, const float* lse,            \
+                                const float* delta, float* dq, frugal_bw::BwParams p) {                        \
+        frugal_bw::dq_mma_impl<T, D>(q, k, v, d_o, lse, delta, dq, p);                                         \
+    }
+
+#define BW_MMA_ALL(NAME, T, D) \
+    BW_MMA_FORWARD(NAME, T, D) \
+    BW_MMA_BACKWARD(NAME, T, D)
+
+BW_MMA_ALL(f16, __half, 64)
+BW_MMA_ALL(f16, __half, 128)
+BW_MMA_ALL(bf16, __nv_bfloat16, 64)
+BW_MMA_ALL(bf16, __nv_bfloat16, 128)
 
 #define BW_ALL_DIMS(NAME, T)                  \
     BW_DTYPE_KERNELS(NAME, T)                 \

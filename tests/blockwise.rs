@@ -74,12 +74,13 @@ fn forward_strided_layouts(backend: &Backend) {
     }
 }
 
-/// The shapes the CUDA tensor-core forward takes (f16/bf16, head_dim 64/128,
-/// rows 16-byte aligned; f32 runs the same cases on the FMA kernel): several
+/// The shapes the CUDA tensor-core kernels take (f16/bf16, head_dim 64/128,
+/// rows 16-byte aligned; f32 runs the same cases on the FMA kernels): several
 /// 64-row query tiles and 64-key KV tiles with ragged ends, causal offsets that
 /// skip tiles and leave rows of a tile with no key, GQA 4/7, token-major and
-/// padded strides, and a row stride off the 8-element grid (the FMA fallback).
-fn forward_tensor_core_shapes(backend: &Backend) {
+/// padded strides, and row strides off the 8-element grid (the FMA fallback):
+/// Q's (both passes), and dO's alone (the backward falls back, the forward does not).
+fn tensor_core_cases() -> Vec<BlockParams> {
     let a = shape(2, 4, 1, 64, 130, 190);
     let b = shape(1, 4, 4, 128, 100, 150);
     let c = shape(1, 7, 1, 128, 65, 129);
@@ -91,7 +92,8 @@ fn forward_tensor_core_shapes(backend: &Backend) {
         o: BlockLayout::bhsd(&c).o,
     };
     let off_grid = BlockLayout { q: [2 * 90 * 68, 90 * 68, 68], ..BlockLayout::bhsd(&d) };
-    let cases = [
+    let d_o_off_grid = BlockLayout { o: [2 * 90 * 68, 90 * 68, 68], ..BlockLayout::bhsd(&d) };
+    vec![
         BlockParams::new(a, Mask::Causal).with_offsets(70, 10),
         BlockParams::new(a, Mask::None),
         BlockParams::new(b, Mask::None).with_layout(BlockLayout::bshd(&b)),
@@ -99,8 +101,12 @@ fn forward_tensor_core_shapes(backend: &Backend) {
         BlockParams::new(c, Mask::Causal).with_layout(padded).with_offsets(200, 0).with_scale(0.2),
         BlockParams::new(d, Mask::Causal).with_offsets(10, 40),
         BlockParams::new(d, Mask::Causal).with_layout(off_grid).with_offsets(10, 40),
-    ];
-    for (n, p) in cases.iter().enumerate() {
+        BlockParams::new(d, Mask::None).with_layout(d_o_off_grid).with_offsets(5, 0),
+    ]
+}
+
+fn forward_tensor_core_shapes(backend: &Backend) {
+    for (n, p) in tensor_core_cases().iter().enumerate() {
         for dtype in DType::ALL {
             check_forward(backend, p, dtype, 60 + n as u64);
         }
@@ -247,9 +253,32 @@ fn finalize_matches_reference(backend: &Backend) {
     }
 }
 
-/// dQ/dK/dV accumulated onto non-zero gradients, against the f64 reference
-/// (given the same f32 O and lse). f16/bf16 inputs are rounded before both
-/// sides see them, so every dtype meets its forward tolerance.
+/// One backward on `backend`, accumulated onto non-zero dQ/dK/dV, against the
+/// f64 reference (given the same f32 O and lse). f16/bf16 inputs are rounded
+/// before both sides see them, so every dtype meets its forward tolerance.
+fn check_backward(backend: &Backend, p: &BlockParams, dtype: DType, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let x = BlockInputs::random(p, dtype, &mut rng);
+    let st = run::forward(&Backend::Cpu, p, &x, None).unwrap();
+    let s = &p.shape;
+    let init = Grads32 {
+        dq: (0..s.o_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
+        dk: (0..s.kv_grad_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
+        dv: (0..s.kv_grad_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
+    };
+    let mut want = run::reference_backward(p, &x, &st).unwrap();
+    for (w, i) in [(&mut want.dq, &init.dq), (&mut want.dk, &init.dk), (&mut want.dv, &init.dv)] {
+        for (a, b) in w.iter_mut().zip(i.iter()) {
+            *a += *b as f64;
+        }
+    }
+    let got = run::backward(backend, p, &x, &st, &init).unwrap_or_else(|e| panic!("{backend:?}: {e}"));
+    let err = run::grads_error(&got, &want);
+    let tol = dtype.tolerance().max(1e-5);
+    let what = format!("{backend:?} {dtype} {:?} q0={} k0={} {:?}", p.shape, p.q0, p.k0, p.mask);
+    assert!(err <= tol, "{what}: grads rel L2 {err:e} > {tol:e}");
+}
+
 fn backward_matches_reference(backend: &Backend) {
     let cases = [
         (BlockParams::new(shape(1, 1, 1, 64, 1, 1), Mask::None), 0, 0),
@@ -260,27 +289,17 @@ fn backward_matches_reference(backend: &Backend) {
         (BlockParams::new(shape(1, 2, 1, 256, 20, 21), Mask::None), 0, 0),
     ];
     for (n, (p, q0, k0)) in cases.into_iter().enumerate() {
-        let p = p.with_offsets(q0, k0);
         for dtype in DType::ALL {
-            let mut rng = Rng::new(40 + n as u64);
-            let x = BlockInputs::random(&p, dtype, &mut rng);
-            let st = run::forward(&Backend::Cpu, &p, &x, None).unwrap();
-            let s = &p.shape;
-            let init = Grads32 {
-                dq: (0..s.o_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
-                dk: (0..s.kv_grad_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
-                dv: (0..s.kv_grad_elems()).map(|_| rng.uniform(-0.1, 0.1)).collect(),
-            };
-            let mut want = run::reference_backward(&p, &x, &st).unwrap();
-            for (w, i) in [(&mut want.dq, &init.dq), (&mut want.dk, &init.dk), (&mut want.dv, &init.dv)] {
-                for (a, b) in w.iter_mut().zip(i.iter()) {
-                    *a += *b as f64;
-                }
-            }
-            let got = run::backward(backend, &p, &x, &st, &init).unwrap_or_else(|e| panic!("{backend:?}: {e}"));
-            let err = run::grads_error(&got, &want);
-            let tol = dtype.tolerance().max(1e-5);
-            assert!(err <= tol, "{backend:?} {dtype} {:?} q0={q0} k0={k0}: grads rel L2 {err:e} > {tol:e}", p.shape);
+            check_backward(backend, &p.with_offsets(q0, k0), dtype, 40 + n as u64);
+        }
+    }
+}
+
+/// The tensor-core kernels' shapes (see `tensor_core_cases`) through the backward.
+fn backward_tensor_core_shapes(backend: &Backend) {
+    for (n, p) in tensor_core_cases().iter().enumerate() {
+        for dtype in DType::ALL {
+            check_backward(backend, p, dtype, 80 + n as u64);
         }
     }
 }
@@ -294,6 +313,7 @@ backend_tests!(
     merge_matches_reference,
     finalize_matches_reference,
     backward_matches_reference,
+    backward_tensor_core_shapes,
 );
 
 /// Which launcher a bad-input case calls.

@@ -86,30 +86,68 @@ fn dq_smem(head_dim: usize) -> usize {
 const MMA_ROWS: usize = 64;
 const MMA_KEYS: usize = 64;
 
-/// The tensor-core forward's kernel for this dtype and head dimension, when
-/// there is one: f16/bf16 at head_dim 64 or 128 (mirrors `BW_MMA_FORWARD`).
-fn mma_kernel_name(dtype: DType, head_dim: usize) -> Option<&'static str> {
-    match (dtype, head_dim) {
-        (DType::F16, 64) => Some("bw_forward_mma_f16_d64"),
-        (DType::F16, 128) => Some("bw_forward_mma_f16_d128"),
-        (DType::Bf16, 64) => Some("bw_forward_mma_bf16_d64"),
-        (DType::Bf16, 128) => Some("bw_forward_mma_bf16_d128"),
-        _ => None,
+/// The tensor-core kernels (`bw_<kind>_mma_<dtype>_d<D>`, kind `forward`,
+/// `dkv` or `dq`) exist for f16/bf16 at head_dim 64 or 128 (mirrors
+/// `BW_MMA_FORWARD` and `BW_MMA_BACKWARD`).
+fn mma_kernel_name(kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
+    macro_rules! table {
+        ($($k:literal),*) => {
+            match (kind, dtype, head_dim) {
+                $(
+                    ($k, DType::F16, 64) => Some(concat!("bw_", $k, "_mma_f16_d64")),
+                    ($k, DType::F16, 128) => Some(concat!("bw_", $k, "_mma_f16_d128")),
+                    ($k, DType::Bf16, 64) => Some(concat!("bw_", $k, "_mma_bf16_d64")),
+                    ($k, DType::Bf16, 128) => Some(concat!("bw_", $k, "_mma_bf16_d128")),
+                )*
+                _ => None,
+            }
+        };
     }
+    table!("forward", "dkv", "dq")
 }
 
-/// Whether every Q/K/V row starts on a 16-byte boundary, as the tensor-core
-/// forward's 16-byte `cp.async` copies need: base addresses 16-byte aligned
-/// and every stride a multiple of 8 (2-byte) elements.
-fn rows_16b_aligned(params: &BlockParams, ptrs: [u64; 3]) -> bool {
-    let l = &params.layout;
-    ptrs.iter().all(|p| p % 16 == 0) && [l.q, l.k, l.v].iter().flatten().all(|st| st % 8 == 0)
+/// Whether every row of each `(base address, strides)` tensor starts on a
+/// 16-byte boundary, as the tensor-core kernels' 16-byte `cp.async` copies
+/// need: base addresses 16-byte aligned and every stride a multiple of 8
+/// (2-byte) elements.
+fn rows_16b_aligned(tensors: &[(u64, [usize; 3])]) -> bool {
+    tensors.iter().all(|(ptr, st)| ptr % 16 == 0 && st.iter().all(|s| s % 8 == 0))
+}
+
+/// The tensor-core kernel of `kind` when it applies to this dtype, head
+/// dimension and the `(base address, strides)` of every 2-byte tensor it
+/// reads; `None` means the f32-FMA kernel.
+fn mma_kernel(kind: &str, dtype: DType, head_dim: usize, tensors: &[(u64, [usize; 3])]) -> Option<&'static str> {
+    mma_kernel_name(kind, dtype, head_dim).filter(|_| rows_16b_aligned(tensors))
 }
 
 /// Shared memory of the tensor-core forward: the Q tile and two stages of K
 /// and V tiles, rows of `head_dim + 8` 2-byte elements (mirrors blockwise.cu).
 fn mma_forward_smem(head_dim: usize) -> usize {
     2 * (MMA_ROWS + 2 * 2 * MMA_KEYS) * (head_dim + 8)
+}
+
+/// Query rows per step of the tensor-core dK/dV kernel (`DkvMma<D>::kQRows`).
+fn mma_dkv_q_rows(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Shared memory of the tensor-core dK/dV kernel: the K and V tiles, two
+/// stages of Q and dO steps (rows of `head_dim + 8` 2-byte elements) and two
+/// stages of the steps' f32 (lse, delta) (mirrors blockwise.cu).
+fn mma_dkv_smem(head_dim: usize) -> usize {
+    let bq = mma_dkv_q_rows(head_dim);
+    2 * (2 * MMA_KEYS + 2 * 2 * bq) * (head_dim + 8) + 4 * 2 * 2 * bq
+}
+
+/// Shared memory of the tensor-core dQ kernel: the Q and dO tiles and two
+/// stages of K and V tiles (mirrors blockwise.cu).
+fn mma_dq_smem(head_dim: usize) -> usize {
+    2 * (2 * MMA_ROWS + 2 * 2 * MMA_KEYS) * (head_dim + 8)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -235,7 +273,8 @@ pub fn forward<T: Element>(
         span::<f32>("lse", lse_ptr, s.lse_elems(), true),
     ])?;
     // The tensor-core kernel where it applies, else the f32-FMA one.
-    let mma = mma_kernel_name(T::DTYPE, s.head_dim).filter(|_| rows_16b_aligned(params, [q_ptr, k_ptr, v_ptr]));
+    let l = &params.layout;
+    let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
     let (name, smem, rows_per_block) = match mma {
         Some(name) => (name, mma_forward_smem(s.head_dim), MMA_ROWS),
         None => (kernel_name("forward", T::DTYPE, Some(var.d_max)), forward_smem(s.head_dim), bq),
@@ -399,6 +438,8 @@ pub fn backward_prepass<T: Element>(
 /// (from [`backward_prepass`]), accumulating (`+=`) into f32 `dq`
 /// `[B, Hq, q_len, D]` and `dk`/`dv` `[B, Hkv, kv_len, D]`: one kernel per KV
 /// tile for dK/dV and one per Q tile for dQ, so no element has two writers.
+/// f16/bf16 at head_dim 64 or 128 with every Q/K/V/dO row 16-byte aligned run
+/// on tensor cores (`mma.sync`); everything else on the f32-FMA kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element>(
     backend: &CudaBackend,
@@ -444,13 +485,23 @@ pub fn backward<T: Element>(
     ])?;
     let var = variant(s.head_dim);
     let kp = kernel_params(params, false);
-    let dkv_name = kernel_name("dkv", T::DTYPE, Some(var.d_max));
-    let dq_name = kernel_name("dq", T::DTYPE, Some(var.d_max));
+    // The tensor-core pair where it applies (dO read with the `o` strides), else the f32-FMA pair:
+    // (dK/dV kernel, its shared memory, keys per block), (dQ kernel, its shared memory, rows per block).
+    let l = &params.layout;
+    let rows_2b = [(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v), (do_ptr, l.o)];
+    let ((dkv_name, dkv_bytes, bkv), (dq_name, dq_bytes, bq)) =
+        match (mma_kernel("dkv", T::DTYPE, s.head_dim, &rows_2b), mma_kernel("dq", T::DTYPE, s.head_dim, &rows_2b)) {
+            (Some(dkv), Some(dq)) => {
+                ((dkv, mma_dkv_smem(s.head_dim), MMA_KEYS), (dq, mma_dq_smem(s.head_dim), MMA_ROWS))
+            }
+            _ => (
+                (kernel_name("dkv", T::DTYPE, Some(var.d_max)), dkv_smem(s.head_dim), 16 * var.kpt),
+                (kernel_name("dq", T::DTYPE, Some(var.d_max)), dq_smem(s.head_dim), TILE),
+            ),
+        };
     let (dkv_f, dq_f) = (backend.function(dkv_name)?, backend.function(dq_name)?);
-    let (dkv_bytes, dq_bytes) = (dkv_smem(s.head_dim), dq_smem(s.head_dim));
     allow_smem(&dkv_f, dkv_name, dkv_bytes)?;
     allow_smem(&dq_f, dq_name, dq_bytes)?;
-    let bkv = 16 * var.kpt;
     // SAFETY: as in `forward`.
     unsafe {
         stream
@@ -481,7 +532,7 @@ pub fn backward<T: Element>(
             .arg(&dq_ptr)
             .arg(&kp)
             .launch(LaunchConfig {
-                grid_dim: (s.q_len.div_ceil(TILE) as u32, s.q_heads as u32, s.batch as u32),
+                grid_dim: (s.q_len.div_ceil(bq) as u32, s.q_heads as u32, s.batch as u32),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: dq_bytes as u32,
             })
