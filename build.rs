@@ -129,12 +129,6 @@ fn build_cuda(dir: &Path, out: &Path) {
         }
     };
     println!("cargo:rustc-env=FRUGAL_CUDA_BUILD={status}");
-    // The toolkit's headers (cuda_fp16.h, cuda_bf16.h) for tests/cuda_emu.rs,
-    // which compiles the kernel sources as host C++.
-    let include = find_nvcc().and_then(|nvcc| Some(nvcc.parent()?.parent()?.join("include")));
-    if let Some(dir) = include.filter(|d| d.join("cuda_fp16.h").exists()) {
-        println!("cargo:rustc-env=FRUGAL_CUDA_INCLUDE={}", dir.display());
-    }
 }
 
 fn compile_cuda(dir: &Path, sources: &[PathBuf], out: &Path, fatbin: &Path) -> Result<String, String> {

@@ -7,7 +7,7 @@
 //
 // Device memory is host memory (a CUdeviceptr is the host address); work runs
 // synchronously when it is issued, which is one valid order of any stream
-// schedule; events record host time. The device reports itself by name as an
+// schedule; events record host time. FRUGAL_EMU_TRACE=1 prints each launch. The device reports itself by name as an
 // emulator, and its timings mean nothing.
 #include <cuda.h>
 
@@ -236,6 +236,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     if (gy > 65535 || gz > 65535) return CUDA_ERROR_INVALID_VALUE;
     if (smem > k->max_dynamic_smem || (smem > (48u << 10) && !k->extern_smem)) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lock(launch_mutex);
+    static const bool trace = std::getenv("FRUGAL_EMU_TRACE") != nullptr;
+    if (trace) std::fprintf(stderr, "cuda emulator: %s grid (%u, %u, %u) block (%u, %u, %u) smem %u\n", k->name, gx, gy, gz, bx, by, bz, smem);
     k->launch(*k, emu::Dim{gx, gy, gz}, emu::Dim{bx, by, bz}, smem, params);
     return CUDA_SUCCESS;
 }

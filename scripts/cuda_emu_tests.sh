@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every CUDA test on the CPU: builds the emulated libcuda
+# (tests/cuda_emu/driver.cpp: kernels-cuda/*.cu compiled as host C++ over the
+# fiber emulator) into target/cuda-emu and runs the `cuda` tests with it first
+# on LD_LIBRARY_PATH, so cudarc drives the crate's real launchers on it.
+# Extra arguments go to `cargo test` (e.g. --release, --test blockwise).
+# FRUGAL_EMU_TRACE=1 prints every kernel launch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cuda_dir="${FRUGAL_CUDA_PIP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/frugal-attn/cuda-13.0}"
+nvcc="${NVCC:-$(command -v nvcc || echo "$cuda_dir/nvidia/cu13/bin/nvcc")}"
+include="$(dirname "$nvcc")/../include"
+[ -f "$include/cuda_fp16.h" ] || { echo "no CUDA headers at $include (set NVCC)" >&2; exit 1; }
+out="$PWD/target/cuda-emu"
+tests/cuda_emu/build_driver.sh "$include" "$out"
+export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FRUGAL_REQUIRE="${FRUGAL_REQUIRE:-cuda,nvcc}"
+cargo test --tests "$@" cuda
