@@ -371,6 +371,35 @@ __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&lo)[4],
     a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// The two score products of a backward step for this warp's 16 rows: x = A_x
+// B_x^T and y = A_y B_y^T over the head dim (KD k-steps), where the A tiles
+// are stored [row][dim] (rows row0..row0+15) and the B tiles [n][dim] with NN
+// n-tiles of 8. dK/dV: (K, Q) and (V, dO); dQ: (Q, K) and (dO, V).
+template <typename T, int ST, int KD, int NN>
+__device__ __forceinline__ void paired_products(float (&x)[NN][4], float (&y)[NN][4], const T* a_x, const T* a_y,
+                                                const T* b_x, const T* b_y, int row0, int lane) {
+#pragma unroll
+    for (int n = 0; n < NN; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[n][e] = y[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        unsigned ax[4], ay[4];
+        frag_a<ST>(ax, a_x, row0, kk * 16, lane);
+        frag_a<ST>(ay, a_y, row0, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < NN / 2; ++np) {
+            unsigned bx[4], by[4];
+            frag_b_nk<ST>(bx, b_x, np * 16, kk * 16, lane);
+            frag_b_nk<ST>(by, b_y, np * 16, kk * 16, lane);
+            mma_16816<T>(x[2 * np], ax, bx[0], bx[1]);
+            mma_16816<T>(x[2 * np + 1], ax, bx[2], bx[3]);
+            mma_16816<T>(y[2 * np], ay, by[0], by[1]);
+            mma_16816<T>(y[2 * np + 1], ay, by[2], by[3]);
+        }
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
                                                  const T* __restrict__ v, float* __restrict__ o,
@@ -1011,26 +1040,7 @@ __device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* _
         const float* dls = l2s + BQ;
 
         float s[NQ][4], ds[NQ][4];  // S^T, then P^T; dP^T, then dS^T
-#pragma unroll
-        for (int n = 0; n < NQ; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            unsigned ka[4], va[4];
-            frag_a<ST>(ka, k_sh, warp * 16, kk * 16, lane);
-            frag_a<ST>(va, v_sh, warp * 16, kk * 16, lane);
-#pragma unroll
-            for (int np = 0; np < NQ / 2; ++np) {
-                unsigned qb[4], ob[4];
-                frag_b_nk<ST>(qb, qs, np * 16, kk * 16, lane);
-                frag_b_nk<ST>(ob, dos, np * 16, kk * 16, lane);
-                mma_16816<T>(s[2 * np], ka, qb[0], qb[1]);
-                mma_16816<T>(s[2 * np + 1], ka, qb[2], qb[3]);
-                mma_16816<T>(ds[2 * np], va, ob[0], ob[1]);
-                mma_16816<T>(ds[2 * np + 1], va, ob[2], ob[3]);
-            }
-        }
+        paired_products<T, ST, KD>(s, ds, k_sh, v_sh, qs, dos, warp * 16, lane);
 
         // Mask only steps that hold keys past kv_len or cross the causal
         // diagonal (the block's last key against the step's first row; j0 + BKV
@@ -1173,26 +1183,7 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
         const T* vs = ks + BK * ST;
 
         float s[NK][4], ds[NK][4];  // S, then P; dP, then dS
-#pragma unroll
-        for (int n = 0; n < NK; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            unsigned qa[4], oa[4];
-            frag_a<ST>(qa, q_sh, warp * 16, kk * 16, lane);
-            frag_a<ST>(oa, do_sh, warp * 16, kk * 16, lane);
-#pragma unroll
-            for (int np = 0; np < NK / 2; ++np) {
-                unsigned kf[4], vf[4];
-                frag_b_nk<ST>(kf, ks, np * 16, kk * 16, lane);
-                frag_b_nk<ST>(vf, vs, np * 16, kk * 16, lane);
-                mma_16816<T>(s[2 * np], qa, kf[0], kf[1]);
-                mma_16816<T>(s[2 * np + 1], qa, kf[2], kf[3]);
-                mma_16816<T>(ds[2 * np], oa, vf[0], vf[1]);
-                mma_16816<T>(ds[2 * np + 1], oa, vf[2], vf[3]);
-            }
-        }
+        paired_products<T, ST, KD>(s, ds, q_sh, do_sh, ks, vs, warp * 16, lane);
 
         // Mask as in forward_mma_impl: only tiles that cross the key end or the
         // causal diagonal of the block's first row. Keys in [kend, j0 + BK) are
