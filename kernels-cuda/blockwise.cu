@@ -400,6 +400,123 @@ __device__ __forceinline__ void paired_products(float (&x)[NN][4], float (&y)[NN
     }
 }
 
+// Forward helpers shared by the mma.sync and wgmma kernels. Their tiles are in
+// the m16n8 accumulator layout, [n-tile][e]: this lane's rows r0 (e < 2) and
+// r0 + 8 (e >= 2) of the block, columns 8 n + 2 tig + (e & 1).
+
+// Scales a tile of scores into log2 units; when `need_mask` (a tile that
+// crosses the key end, the last row or the causal diagonal) masks keys past
+// kv_len, rows past `rows` and keys the causal mask hides.
+template <int NK>
+__device__ __forceinline__ void scores_to_log2(float (&s)[NK][4], float sl2, bool need_mask, int r0, int tig, int i0,
+                                               int j0, int rows, const BwParams& p) {
+#pragma unroll
+    for (int n = 0; n < NK; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float x = s[n][e] * sl2;
+            if (need_mask) {
+                const int i = r0 + (e >> 1) * 8;
+                const int j = j0 + n * 8 + tig * 2 + (e & 1);
+                const bool seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
+                if (!seen) x = neg_inf();
+            }
+            s[n][e] = x;
+        }
+}
+
+// One tile of the online softmax: s (log2 units) becomes P = 2^(s - m) for the
+// updated row maxima m; l (this lane's share of each row's sum, reduced over
+// the quad at the end) and the output accumulators are rescaled. A row with
+// nothing seen yet keeps m = -inf and uses 0 as its reference, so
+// 2^(-inf - 0) = 0 and no -inf - -inf arises.
+template <int NK, int ND>
+__device__ __forceinline__ void online_softmax(float (&s)[NK][4], float (&m)[2], float (&l)[2], float (&acc)[ND][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mt = neg_inf();
+#pragma unroll
+        for (int n = 0; n < NK; ++n) mt = fmaxf(mt, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 2));
+        const float mn = fmaxf(m[r], mt);
+        const float ref = (mn == neg_inf()) ? 0.f : mn;
+        const float alpha = fast_exp2(m[r] - ref);
+        m[r] = mn;
+        float ps = 0.f;
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                const float pr = fast_exp2(s[n][e] - ref);
+                s[n][e] = pr;
+                ps += pr;
+            }
+        l[r] = l[r] * alpha + ps;
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            acc[n][2 * r] *= alpha;
+            acc[n][2 * r + 1] *= alpha;
+        }
+    }
+}
+
+// Epilogue per row: this block's partial is (acc / l, lse_b); in accumulate
+// mode it is merged into the caller's (O, lse) as in merge_impl, so a row that
+// sees no key of this block is left bit-identical (an empty state becomes
+// exactly 0). `row0` is the global row of the block's first query row.
+template <int ND>
+__device__ __forceinline__ void write_partial(const float (&acc)[ND][4], const float (&m)[2], const float (&l)[2],
+                                              int r0, int tig, int rows, long long row0, float* __restrict__ o,
+                                              float* __restrict__ lse, const BwParams& p) {
+    constexpr int D = ND * 8;
+    constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(frugal::kFullMask, lr, 1);
+        lr += __shfl_xor_sync(frugal::kFullMask, lr, 2);
+        const int i = r0 + r * 8;
+        const bool valid = i < rows;
+        const long long row = row0 + i;
+        const float lse_b = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : neg_inf();
+        // Every lane of the quad reads the old lse before lane tig 0 rewrites it.
+        float lse_a = neg_inf();
+        if (valid && p.accumulate) lse_a = lse[row];
+        __syncwarp();
+        if (!valid) continue;
+        if (lse_b == neg_inf()) {
+            // Nothing seen here: the empty partial; accumulating, no change
+            // unless the state is empty too, which the merge rule makes (0, -inf).
+            if (lse_a == neg_inf()) {
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[row * D + n * 8 + tig * 2] = 0.f;
+                    o[row * D + n * 8 + tig * 2 + 1] = 0.f;
+                }
+                if (tig == 0) lse[row] = neg_inf();
+            }
+            continue;
+        }
+        float wb = 1.f / lr, wa = 0.f, lse_m = lse_b;
+        if (lse_a != neg_inf()) {
+            const float hi = fmaxf(lse_a, lse_b);
+            lse_m = hi + log1pf(expf(fminf(lse_a, lse_b) - hi));
+            wa = expf(lse_a - lse_m);
+            wb *= expf(lse_b - lse_m);
+        }
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float* dst = o + row * D + n * 8 + tig * 2 + c;
+                const float x = acc[n][2 * r + c] * wb;
+                *dst = (lse_a != neg_inf()) ? *dst * wa + x : x;
+            }
+        if (tig == 0) lse[row] = lse_m;
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const T* __restrict__ k,
                                                  const T* __restrict__ v, float* __restrict__ o,
@@ -410,7 +527,6 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
     constexpr int KD = D / 16;  // k-steps over the head dim (S = Q K^T)
     constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (O)
     constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S)
-    constexpr float kLn2 = 0.6931471805599453f;
     extern __shared__ __align__(16) unsigned char bw_mma_smem[];
     T* q_sh = reinterpret_cast<T*>(bw_mma_smem);
     T* kv_sh = q_sh + BQ * ST;  // stage s: K at kv_sh + 2 s BK ST, V right after
@@ -491,53 +607,11 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
             }
         }
 
-        // Scale into log2 units; mask only tiles that cross the key end or the
-        // causal diagonal of the block's first row (j0 + BK <= kv_len keeps the
-        // sum below i32::MAX).
+        // Mask only tiles that cross the key end or the causal diagonal of the
+        // block's first row (j0 + BK <= kv_len keeps the sum below i32::MAX).
         const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
-#pragma unroll
-        for (int n = 0; n < NK; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[n][e] * sl2;
-                if (need_mask) {
-                    const int i = warp * 16 + grp + (e >> 1) * 8;
-                    const int j = j0 + n * 8 + tig * 2 + (e & 1);
-                    const bool seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
-                    if (!seen) x = neg_inf();
-                }
-                s[n][e] = x;
-            }
-
-        // Online softmax; a row with nothing seen yet keeps m = -inf and uses 0
-        // as its reference, so 2^(-inf - 0) = 0 and no -inf - -inf arises.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mt = neg_inf();
-#pragma unroll
-            for (int n = 0; n < NK; ++n) mt = fmaxf(mt, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-            mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 1));
-            mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 2));
-            const float mn = fmaxf(m[r], mt);
-            const float ref = (mn == neg_inf()) ? 0.f : mn;
-            const float alpha = fast_exp2(m[r] - ref);
-            m[r] = mn;
-            float ps = 0.f;
-#pragma unroll
-            for (int n = 0; n < NK; ++n)
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    const float pr = fast_exp2(s[n][e] - ref);
-                    s[n][e] = pr;
-                    ps += pr;
-                }
-            l[r] = l[r] * alpha + ps;
-#pragma unroll
-            for (int n = 0; n < ND; ++n) {
-                acc[n][2 * r] *= alpha;
-                acc[n][2 * r + 1] *= alpha;
-            }
-        }
+        scores_to_log2(s, sl2, need_mask, warp * 16 + grp, tig, i0, j0, rows, p);
+        online_softmax(s, m, l, acc);
 
         // O += P V: the S accumulators of n-tiles 2 kt and 2 kt + 1 are the A
         // fragment of keys 16 kt..16 kt + 15; ldmatrix.trans gives V's B fragments
@@ -557,53 +631,251 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
-    // Epilogue per row: this block's partial is (acc / l, lse_b); in accumulate
-    // mode it is merged into the caller's (O, lse) as in merge_impl.
+    write_partial(acc, m, l, warp * 16 + grp, tig, rows, row0, o, lse, p);
+}
+
+// ---------------------------------------------------------------------------
+// Hopper forward (sm_90a: wgmma, the warpgroup-wide asynchronous tensor-core
+// MMA) for f16/bf16 at head_dim 64 and 128. Same contract and launch
+// conditions as forward_mma_impl, dispatched instead of it on compute
+// capability 9.0.
+//
+// Block: 2 warpgroups (256 threads); warpgroup wg owns query rows 64 wg..64 wg
+// + 63 of a 128-row tile. KV tiles of 128 keys, K and V double-buffered through
+// cp.async. Per tile a warpgroup issues S = Q K^T as D/16 wgmma.m64n128k16 with
+// both operands read from shared memory, then the online softmax on the S
+// accumulators (the same m16n8 layout per warp as mma.sync, so the helpers above
+// serve both kernels), then O += P V as 8 wgmma.m64nDk16 with P from registers
+// (the S accumulators packed to T are the A fragment) and V read transposed
+// (N-major) from shared memory.
+// Shared tiles use the 128-byte swizzle that wgmma's descriptors describe: a
+// tile of R rows x D columns is D/64 column blocks of R rows x 128 bytes, and
+// the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its 128-byte row,
+// so the 8 rows of a swizzle atom (1024 bytes, 1024-aligned) spread over all
+// banks. K (B of S) and Q (A of S) are K-major (the head dim contiguous); V (B of
+// P V, k = keys, n = dims) is N-major: the descriptor's leading byte offset is
+// the stride between 64-dim column blocks, the stride byte offset the one
+// between 8-key groups (PTX ISA, "Shared Memory Matrix Layout").
+// Shared: a 1024-aligned Q [D/64][128][64], then per stage s in {0, 1}:
+// K [D/64][128][64], V [D/64][128][64].
+
+constexpr int kWgThreads = 256;  // two warpgroups
+constexpr int kWgRows = 128;     // query rows per block (64 per warpgroup)
+constexpr int kWgKeys = 128;     // keys per KV tile
+
+#if defined(FRUGAL_CUDA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BW_HAS_WGMMA 1
+#endif
+
+#if !defined(FRUGAL_CUDA_EMU) && defined(BW_HAS_WGMMA)
+// The accumulator operands of an m64nN f32 wgmma, N = 64 or 128: N / 2
+// registers a thread, d[n][e] for n-tile n (the m16n8 layout per warp).
+#define BW_WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define BW_WG_ACC128                                                                                 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define BW_WG_OUT4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define BW_WG_OUT64(d) BW_WG_OUT4(d, 0), BW_WG_OUT4(d, 1), BW_WG_OUT4(d, 2), BW_WG_OUT4(d, 3), BW_WG_OUT4(d, 4), \
+    BW_WG_OUT4(d, 5), BW_WG_OUT4(d, 6), BW_WG_OUT4(d, 7)
+#define BW_WG_OUT128(d) BW_WG_OUT64(d), BW_WG_OUT4(d, 8), BW_WG_OUT4(d, 9), BW_WG_OUT4(d, 10), BW_WG_OUT4(d, 11), \
+    BW_WG_OUT4(d, 12), BW_WG_OUT4(d, 13), BW_WG_OUT4(d, 14), BW_WG_OUT4(d, 15)
+
+// d (+)= A B for an m64nNk16 tile: A (64 x 16) and B (N x 16) both K-major in
+// shared memory (descriptors); scale_d = 0 overwrites d.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_smem_kmajor(float (&d)[N / 8][4], unsigned long long a, unsigned long long b, int scale_d);
+// d += A B for an m64nNk16 tile: A from registers (the m16n8k16 A fragment of
+// this warp's 16 rows), B (16 x N) N-major in shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_regs_nmajor(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long b);
+
+#define BW_WGMMA_WRAPPERS(T, TS, N, ACC, OUT, PA, PB, PS, PR)                                                 \
+    template <>                                                                                                \
+    __device__ __forceinline__ void wgmma_smem_kmajor<T, N>(float (&d)[N / 8][4], unsigned long long a, unsigned long long b,      \
+                                                            int scale_d) {                                     \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PS ", 0;\n"                                          \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TS "." TS " " ACC ", " PA ", " PB      \
+                     ", p, 1, 1, 0, 0;\n}\n"                                                                   \
+                     : OUT(d)                                                                                  \
+                     : "l"(a), "l"(b), "r"(scale_d));                                                          \
+    }                                                                                                          \
+    template <>                                                                                                \
+    __device__ __forceinline__ void wgmma_regs_nmajor<T, N>(float (&d)[N / 8][4], const unsigned (&a)[4],      \
+                                                            unsigned long long b) {                                      \
+        asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TS "." TS " " ACC ", " PR ", " PA      \
+                     ", 1, 1, 1, 1;\n"                                                                         \
+                     : OUT(d)                                                                                  \
+                     : "l"(b), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]));                                    \
+    }
+
+// Operand numbers after the N / 2 accumulators: SS: a, b, scale_d; RS: b, then the 4 A registers.
+BW_WGMMA_WRAPPERS(__half, "f16", 64, BW_WG_ACC64, BW_WG_OUT64, "%32", "%33", "%34", "{%33, %34, %35, %36}")
+BW_WGMMA_WRAPPERS(__half, "f16", 128, BW_WG_ACC128, BW_WG_OUT128, "%64", "%65", "%66", "{%65, %66, %67, %68}")
+BW_WGMMA_WRAPPERS(__nv_bfloat16, "bf16", 64, BW_WG_ACC64, BW_WG_OUT64, "%32", "%33", "%34", "{%33, %34, %35, %36}")
+BW_WGMMA_WRAPPERS(__nv_bfloat16, "bf16", 128, BW_WG_ACC128, BW_WG_OUT128, "%64", "%65", "%66",
+                  "{%65, %66, %67, %68}")
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared-memory writes of the generic proxy (cp.async, st.shared) become
+// visible to wgmma's reads (the async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The compiler sees a wgmma's operands as used when the asm is issued, not when
+// it completes: after wgmma_wait, "touch" the accumulators and A registers so
+// that no read of d moves above the wait and no register of a is reused early.
+template <int N>
+__device__ __forceinline__ void wgmma_hold(float (&d)[N][4]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float lr = l[r];
-        lr += __shfl_xor_sync(frugal::kFullMask, lr, 1);
-        lr += __shfl_xor_sync(frugal::kFullMask, lr, 2);
-        const int i = warp * 16 + grp + r * 8;
-        const bool valid = i < rows;
-        const long long row = row0 + i;
-        const float lse_b = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : neg_inf();
-        // Every lane of the quad reads the old lse before lane tig 0 rewrites it.
-        float lse_a = neg_inf();
-        if (valid && p.accumulate) lse_a = lse[row];
-        __syncwarp();
-        if (!valid) continue;
-        if (lse_b == neg_inf()) {
-            // Nothing seen here: the empty partial; accumulating, no change
-            // unless the state is empty too, which the merge rule makes (0, -inf).
-            if (lse_a == neg_inf()) {
+    for (int n = 0; n < N; ++n)
 #pragma unroll
-                for (int n = 0; n < ND; ++n) {
-                    o[row * D + n * 8 + tig * 2] = 0.f;
-                    o[row * D + n * 8 + tig * 2 + 1] = 0.f;
-                }
-                if (tig == 0) lse[row] = neg_inf();
-            }
-            continue;
-        }
-        float wb = 1.f / lr, wa = 0.f, lse_m = lse_b;
-        if (lse_a != neg_inf()) {
-            const float hi = fmaxf(lse_a, lse_b);
-            lse_m = hi + log1pf(expf(fminf(lse_a, lse_b) - hi));
-            wa = expf(lse_a - lse_m);
-            wb *= expf(lse_b - lse_m);
-        }
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_hold(unsigned (&a)[N][4]) {
 #pragma unroll
-        for (int n = 0; n < ND; ++n)
+    for (int n = 0; n < N; ++n)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                float* dst = o + row * D + n * 8 + tig * 2 + c;
-                const float x = acc[n][2 * r + c] * wb;
-                *dst = (lse_a != neg_inf()) ? *dst * wa + x : x;
-            }
-        if (tig == 0) lse[row] = lse_m;
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[n][e])::"memory");
+}
+#endif
+
+#ifdef BW_HAS_WGMMA
+// A shared-memory matrix descriptor with the 128-byte swizzle: start address,
+// leading and stride byte offsets (all >> 4), base offset 0 (1024-aligned atoms).
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr, unsigned lead_bytes, unsigned stride_bytes) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lead_bytes >> 4) << 16) |
+           ((unsigned long long)(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// Starts the copy of rows [0, n) of a strided tensor (row stride row_st
+// elements, every row 16-byte aligned) into a 128-byte-swizzled tile of ROWS
+// rows at dst (see above); rows [n, ROWS) become zeros.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* dst, const T* src, long long row_st, int n) {
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    static_assert((ROWS * CH) % kWgThreads == 0, "tile chunks must split evenly over the block");
+#pragma unroll
+    for (int it = 0; it < ROWS * CH / kWgThreads; ++it) {
+        const int e = it * kWgThreads + threadIdx.x;
+        const int r = e / CH, c = e % CH;
+        unsigned char* d = dst + (c / 8) * (ROWS * 128) + r * 128 + (((c % 8) ^ (r % 8)) * 16);
+        if (r < n)
+            cp_async16(d, src + (long long)r * row_st + c * 8);
+        else
+            *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
     }
 }
+
+template <typename T, int D>
+__device__ __forceinline__ void forward_wgmma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                                   const T* __restrict__ v, float* __restrict__ o,
+                                                   float* __restrict__ lse, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the wgmma forward covers head_dim 64 and 128");
+    constexpr int BQ = kWgRows, BK = kWgKeys;
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (O)
+    constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S)
+    constexpr int TILE_Q = BQ * D * 2, TILE_KV = BK * D * 2;  // bytes
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    // Align to 1024 bytes in the shared window (the swizzle atoms' boundary).
+    const unsigned raw = smem_u32(bw_mma_smem);
+    unsigned char* q_sh = bw_mma_smem + (((raw + 1023u) & ~1023u) - raw);
+    unsigned char* kv_sh = q_sh + TILE_Q;  // stage s: K at kv_sh + 2 s TILE_KV, V right after
+    const unsigned q_addr = smem_u32(q_sh), kv_addr = smem_u32(kv_sh);
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2,
+              tig = lane & 3;
+    // Causal: the tiles with the most keys first, so the short ones fill the tail.
+    const int qt = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int i0 = qt * BQ, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (p.q_heads / p.kv_heads);
+    const int rows = min(BQ, p.q_len - i0);
+    const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+    const int kend = keys_end(p, i0 + rows - 1);
+    const int ntiles = (kend + BK - 1) / BK;
+    const T* kb = k + b * p.k_st[0] + g * p.k_st[1];
+    const T* vb = v + b * p.v_st[0] + g * p.v_st[1];
+    const float sl2 = p.scale * kLog2e;
+    const int r0 = wg * 64 + warp * 16 + grp;  // this lane's first row in the block
+
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float acc[ND][4], s[NK][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NK; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+
+    if (ntiles > 0) {
+        load_tile_sw128<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
+                                  rows);
+        const int nk = min(BK, kend);
+        load_tile_sw128<T, D, BK>(kv_sh, kb, p.k_st[2], nk);
+        load_tile_sw128<T, D, BK>(kv_sh + TILE_KV, vb, p.v_st[2], nk);
+        cp_async_commit();
+    }
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int j0 = t * BK;
+        // Prefetch the next tile into the other stage (freed by the previous
+        // iteration's closing barrier); the group is empty on the last tile.
+        if (t + 1 < ntiles) {
+            const int jn = j0 + BK;
+            const int nk = min(BK, kend - jn);
+            unsigned char* kn = kv_sh + ((t + 1) & 1) * 2 * TILE_KV;
+            load_tile_sw128<T, D, BK>(kn, kb + (long long)jn * p.k_st[2], p.k_st[2], nk);
+            load_tile_sw128<T, D, BK>(kn + TILE_KV, vb + (long long)jn * p.v_st[2], p.v_st[2], nk);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group (and Q) has landed
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned k_addr = kv_addr + (t & 1) * 2 * TILE_KV, v_addr = k_addr + TILE_KV;
+
+        // S = Q K^T: k-step kk reads dims 16 kk.. of this warpgroup's 64 Q rows
+        // and of the tile's 128 keys, at byte 32 (kk % 4) of their 128-byte rows
+        // in column block kk / 4.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned col = (kk % 4) * 32;
+            const unsigned long long da = sw128_desc(q_addr + (kk / 4) * (BQ * 128) + wg * (64 * 128) + col, 16, 1024);
+            const unsigned long long db = sw128_desc(k_addr + (kk / 4) * (BK * 128) + col, 16, 1024);
+            wgmma_smem_kmajor<T, BK>(s, da, db, kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(s);
+
+        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
+        scores_to_log2(s, sl2, need_mask, r0, tig, i0, j0, rows, p);
+        online_softmax(s, m, l, acc);
+
+        // O += P V: keys 16 kt.. are P's n-tiles 2 kt, 2 kt + 1 (acc_to_a) and
+        // V's 8-key groups 2 kt, 2 kt + 1 (2048 bytes a k-step).
+        unsigned pa[NK / 2][4];
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt) acc_to_a<T>(pa[kt], s[2 * kt], s[2 * kt + 1]);
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt)
+            wgmma_regs_nmajor<T, D>(acc, pa[kt], sw128_desc(v_addr + kt * 2048, BK * 128, 1024));
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(acc);
+        wgmma_hold(pa);
+        __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    }
+
+    write_partial(acc, m, l, r0, tig, rows, row0, o, lse, p);
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Merge: one thread per row.
@@ -1276,6 +1548,27 @@ extern "C" __global__ void __launch_bounds__(frugal_bw::kThreads)
                                      frugal_bw::BwParams p) {                                                  \
         frugal_bw::forward_mma_impl<T, D>(q, k, v, o, lse, p);                                                 \
     }
+
+// Hopper forward: bw_forward_wgmma_<f16|bf16>_d<64|128> (grid: 128-row tiles x
+// query heads x batch, 256 threads); keep in sync with `wgmma_kernel_name` in
+// src/blockwise/cuda.rs, which launches it only on compute capability 9.0. The
+// body exists only in the sm_90a code; elsewhere it traps.
+#ifdef BW_HAS_WGMMA
+#define BW_WGMMA_BODY(T, D) frugal_bw::forward_wgmma_impl<T, D>(q, k, v, o, lse, p);
+#else
+#define BW_WGMMA_BODY(T, D) __trap();
+#endif
+#define BW_WGMMA_FORWARD(NAME, T, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kWgThreads, 1)                                     \
+        bw_forward_wgmma_##NAME##_d##D(const T* q, const T* k, const T* v, float* o, float* lse,               \
+                                       frugal_bw::BwParams p) {                                                \
+        BW_WGMMA_BODY(T, D)                                                                                    \
+    }
+
+BW_WGMMA_FORWARD(f16, __half, 64)
+BW_WGMMA_FORWARD(f16, __half, 128)
+BW_WGMMA_FORWARD(bf16, __nv_bfloat16, 64)
+BW_WGMMA_FORWARD(bf16, __nv_bfloat16, 128)
 
 // Tensor-core backward: bw_dkv_mma_<f16|bf16>_d<64|128> (grid: 64-key tiles x
 // kv heads x batch) and bw_dq_mma_<f16|bf16>_d<64|128> (grid: 64-row tiles x

@@ -85,6 +85,9 @@ fn tensor_core_cases() -> Vec<BlockParams> {
     let b = shape(1, 4, 4, 128, 100, 150);
     let c = shape(1, 7, 1, 128, 65, 129);
     let d = shape(1, 2, 2, 64, 90, 70);
+    // Several 128-row query tiles and 128-key KV tiles (the Hopper kernel's), the diagonal mid-tile.
+    let e = shape(1, 2, 1, 128, 260, 390);
+    let f = shape(1, 4, 2, 64, 200, 300);
     let padded = BlockLayout {
         q: [7 * 65 * 136 + 8, 65 * 136, 136],
         k: [129 * 144 + 16, 129 * 144, 144],
@@ -102,6 +105,9 @@ fn tensor_core_cases() -> Vec<BlockParams> {
         BlockParams::new(d, Mask::Causal).with_offsets(10, 40),
         BlockParams::new(d, Mask::Causal).with_layout(off_grid).with_offsets(10, 40),
         BlockParams::new(d, Mask::None).with_layout(d_o_off_grid).with_offsets(5, 0),
+        BlockParams::new(e, Mask::Causal).with_offsets(130, 0),
+        BlockParams::new(f, Mask::None),
+        BlockParams::new(f, Mask::Causal).with_layout(BlockLayout::bshd(&f)).with_offsets(0, 60),
     ]
 }
 

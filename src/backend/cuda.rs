@@ -26,6 +26,7 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     name: String,
     sm_count: usize,
+    compute_capability: (u32, u32),
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -73,8 +74,15 @@ impl CudaBackend {
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::device(NAME, e))? as usize;
+        let attr = |a| ctx.attribute(a).map(|v| v as u32).map_err(|e| Error::device(NAME, e));
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let compute_capability = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
         let stream = ctx.new_stream().map_err(|e| Error::device(NAME, e))?;
-        Ok(CudaBackend { ctx, stream, module, functions: Mutex::new(HashMap::new()), name, sm_count })
+        let functions = Mutex::new(HashMap::new());
+        Ok(CudaBackend { ctx, stream, module, functions, name, sm_count, compute_capability })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -92,6 +100,11 @@ impl CudaBackend {
 
     pub fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// `(major, minor)`: kernels built only as sm_90a SASS (wgmma) run on exactly (9, 0).
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
     }
 
     /// A kernel of the embedded module, looked up once.

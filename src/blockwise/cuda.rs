@@ -121,6 +121,32 @@ fn mma_kernel(kind: &str, dtype: DType, head_dim: usize, tensors: &[(u64, [usize
     mma_kernel_name(kind, dtype, head_dim).filter(|_| rows_16b_aligned(tensors))
 }
 
+/// Query rows per block, keys per KV tile and threads of the Hopper forward
+/// (`kWgRows`, `kWgKeys`, `kWgThreads`).
+const WGMMA_ROWS: usize = 128;
+const WGMMA_KEYS: usize = 128;
+const WGMMA_THREADS: u32 = 256;
+
+/// The Hopper (wgmma) forward, `bw_forward_wgmma_<dtype>_d<D>`: f16/bf16 at
+/// head_dim 64 or 128 (mirrors `BW_WGMMA_FORWARD`). Its code exists only as
+/// sm_90a SASS, so it runs on compute capability 9.0 alone.
+fn wgmma_kernel_name(dtype: DType, head_dim: usize) -> Option<&'static str> {
+    match (dtype, head_dim) {
+        (DType::F16, 64) => Some("bw_forward_wgmma_f16_d64"),
+        (DType::F16, 128) => Some("bw_forward_wgmma_f16_d128"),
+        (DType::Bf16, 64) => Some("bw_forward_wgmma_bf16_d64"),
+        (DType::Bf16, 128) => Some("bw_forward_wgmma_bf16_d128"),
+        _ => None,
+    }
+}
+
+/// Shared memory of the Hopper forward: the Q tile and two stages of K and V
+/// tiles of `head_dim` 2-byte columns, plus 1 KiB to align them to the
+/// 1024-byte swizzle atoms (mirrors blockwise.cu).
+fn wgmma_forward_smem(head_dim: usize) -> usize {
+    1024 + 2 * (WGMMA_ROWS + 2 * 2 * WGMMA_KEYS) * head_dim
+}
+
 /// Shared memory of the tensor-core forward: the Q tile and two stages of K
 /// and V tiles, rows of `head_dim + 8` 2-byte elements (mirrors blockwise.cu).
 fn mma_forward_smem(head_dim: usize) -> usize {
@@ -240,7 +266,8 @@ fn allow_smem(f: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
 /// `[B, Hq, q_len, D]` and `lse` `[B, Hq, q_len]` (`-inf` and 0 for rows
 /// that see no key); with `accumulate` the pair is merged into `(o, lse)`.
 /// f16/bf16 at head_dim 64 or 128 with every Q/K/V row 16-byte aligned run on
-/// tensor cores (`mma.sync`); everything else on the f32-FMA kernel.
+/// tensor cores (`wgmma` on compute capability 9.0, `mma.sync` elsewhere);
+/// everything else on the f32-FMA kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element>(
     backend: &CudaBackend,
@@ -272,12 +299,15 @@ pub fn forward<T: Element>(
         span::<f32>("o", o_ptr, s.o_elems(), true),
         span::<f32>("lse", lse_ptr, s.lse_elems(), true),
     ])?;
-    // The tensor-core kernel where it applies, else the f32-FMA one.
+    // Tensor cores where they apply (wgmma on Hopper, else mma.sync), else f32 FMA.
     let l = &params.layout;
     let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
-    let (name, smem, rows_per_block) = match mma {
-        Some(name) => (name, mma_forward_smem(s.head_dim), MMA_ROWS),
-        None => (kernel_name("forward", T::DTYPE, Some(var.d_max)), forward_smem(s.head_dim), bq),
+    let hopper = backend.compute_capability() == (9, 0);
+    let wgmma = mma.and_then(|_| wgmma_kernel_name(T::DTYPE, s.head_dim)).filter(|_| hopper);
+    let (name, smem, rows_per_block, threads) = match (wgmma, mma) {
+        (Some(name), _) => (name, wgmma_forward_smem(s.head_dim), WGMMA_ROWS, WGMMA_THREADS),
+        (None, Some(name)) => (name, mma_forward_smem(s.head_dim), MMA_ROWS, THREADS),
+        (None, None) => (kernel_name("forward", T::DTYPE, Some(var.d_max)), forward_smem(s.head_dim), bq, THREADS),
     };
     let f = backend.function(name)?;
     allow_smem(&f, name, smem)?;
@@ -295,7 +325,7 @@ pub fn forward<T: Element>(
             .arg(&kp)
             .launch(LaunchConfig {
                 grid_dim: (s.q_len.div_ceil(rows_per_block) as u32, s.q_heads as u32, s.batch as u32),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem as u32,
             })
             .map_err(launch_err(name))?;

@@ -6,7 +6,7 @@
 
 namespace frugal_bw {
 // The kernels' `extern __shared__` arrays (blocks run one at a time).
-alignas(16) unsigned char bw_mma_smem[1 << 18];
+alignas(1024) unsigned char bw_mma_smem[kEmuSmemBytes];
 alignas(16) float smem[1 << 16];
 }  // namespace frugal_bw
 
@@ -18,8 +18,8 @@ const Kernel* table_extern_shared() {
     auto* mma = frugal_bw::bw_mma_smem;
     auto* fma = reinterpret_cast<unsigned char*>(frugal_bw::smem);
 #define FRUGAL_EMU_KERNEL(NAME)                                                                 \
-    Kernel{#NAME, thunk<&NAME>, std::strstr(#NAME, "_mma_") ? mma : fma,                        \
-           std::strstr(#NAME, "_mma_") ? sizeof frugal_bw::bw_mma_smem : sizeof frugal_bw::smem, true},
+    Kernel{#NAME, thunk<&NAME>, std::strstr(#NAME, "mma_") ? mma : fma,                        \
+           std::strstr(#NAME, "mma_") ? sizeof frugal_bw::bw_mma_smem : sizeof frugal_bw::smem, true},
     static const Kernel table[] = {
 #include "kernels_extern.inc"
         Kernel{}};

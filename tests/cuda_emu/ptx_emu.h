@@ -105,3 +105,144 @@ inline void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsign
 }
 
 inline float fast_exp2(float x) { return std::exp2(x); }
+
+// ---------------------------------------------------------------------------
+// wgmma (sm_90a), emulated per thread: each thread computes its own
+// accumulators. mma_async queues the operation (A fragments from registers are
+// gathered from the quad at issue, as the hardware reads them); commit_group
+// closes a group; wait_group N runs the oldest groups until N remain, reading
+// shared memory then. So accumulators read before the wait, or shared memory
+// overwritten before it, give wrong results here as on the GPU.
+// Shared addresses are offsets into the emulated dynamic shared memory
+// (kernels_extern.cpp's bw_mma_smem), which the descriptors encode.
+
+constexpr size_t kEmuSmemBytes = size_t(1) << 18;
+extern unsigned char bw_mma_smem[];
+inline unsigned smem_u32(const void* p) {
+    const auto off = static_cast<const unsigned char*>(p) - bw_mma_smem;
+    emu_require(off >= 0 && static_cast<size_t>(off) < kEmuSmemBytes, "smem_u32: not a shared-memory address");
+    return static_cast<unsigned>(off);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+template <typename A>
+inline void wgmma_hold(A&) {}
+
+struct EmuWgmmaOp {
+    float* d = nullptr;  // [n / 8][4]
+    int n = 0;
+    bool bf16 = false;
+    bool a_regs = false;  // A from registers (else K-major in shared memory at desc_a)
+    uint32_t a[4][4] = {};  // the quad's A registers: a[tig][reg]
+    uint64_t desc_a = 0, desc_b = 0;
+    bool b_nmajor = false;
+    bool scale_d = true;
+};
+struct EmuWgmmaThread {
+    std::vector<EmuWgmmaOp> open;
+    std::vector<std::vector<EmuWgmmaOp>> groups;
+    emu::Dim block;
+};
+inline EmuWgmmaThread emu_wgmma_threads[1024];
+
+inline unsigned emu_linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline EmuWgmmaThread& emu_wgmma_self() {
+    auto& s = emu_wgmma_threads[emu_linear_tid()];
+    const bool same = s.block.x == blockIdx.x && s.block.y == blockIdx.y && s.block.z == blockIdx.z;
+    emu_require(same || (s.open.empty() && s.groups.empty()), "wgmma: a thread exited with operations not waited for");
+    s.block = blockIdx;
+    return s;
+}
+
+// A 128-byte-swizzle descriptor's element at byte offset `off` from its start:
+// the 16-byte chunk index (address bits 4-6) is XORed with bits 7-9.
+inline float emu_wgmma_elem(uint64_t desc, unsigned off, bool bf16) {
+    emu_require((desc >> 62) == 1, "wgmma: only the 128-byte swizzle is emulated");
+    emu_require(((desc >> 49) & 7) == 0, "wgmma: base offset must be 0 (1024-byte aligned swizzle atoms)");
+    const unsigned addr = (static_cast<unsigned>(desc & 0x3fff) << 4) + off;
+    const unsigned phys = addr ^ (((addr >> 7) & 7u) << 4);
+    emu_require(phys + 2 <= kEmuSmemBytes, "wgmma: shared address out of range");
+    uint16_t h;
+    std::memcpy(&h, bw_mma_smem + phys, 2);
+    return bf16 ? emu_b16_to_float<__nv_bfloat16>(h) : emu_b16_to_float<__half>(h);
+}
+inline unsigned emu_desc_lead(uint64_t d) { return static_cast<unsigned>((d >> 16) & 0x3fff) << 4; }
+inline unsigned emu_desc_stride(uint64_t d) { return static_cast<unsigned>((d >> 32) & 0x3fff) << 4; }
+
+// K-major (row mn, k of 16): rows of 128 bytes, 8-row groups `stride` apart.
+inline float emu_kmajor(uint64_t desc, int mn, int k, bool bf16) {
+    return emu_wgmma_elem(desc, (mn / 8) * emu_desc_stride(desc) + (mn % 8) * 128 + 2 * k, bf16);
+}
+// N-major (k of 16, column n): 64-column blocks `lead` apart, 8-row groups of k `stride` apart.
+inline float emu_nmajor(uint64_t desc, int k, int n, bool bf16) {
+    return emu_wgmma_elem(desc, (n / 64) * emu_desc_lead(desc) + 2 * (n % 64) + (k % 8) * 128 + (k / 8) * emu_desc_stride(desc),
+                          bf16);
+}
+
+inline void emu_wgmma_run(const EmuWgmmaOp& op) {
+    const int tid = static_cast<int>(emu_linear_tid());
+    const int warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2, tig = lane & 3;
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+            const int hi = e >> 1, col = 8 * j + 2 * tig + (e & 1);
+            const int row = warp * 16 + grp + 8 * hi;  // in the warpgroup's 64
+            double acc = op.scale_d ? op.d[4 * j + e] : 0.0;
+            for (int k = 0; k < 16; ++k) {
+                float a;
+                if (op.a_regs) {
+                    const uint32_t x = op.a[(k & 7) / 2][hi + 2 * (k >> 3)];
+                    const auto h = static_cast<uint16_t>(k & 1 ? x >> 16 : x & 0xffffu);
+                    a = op.bf16 ? emu_b16_to_float<__nv_bfloat16>(h) : emu_b16_to_float<__half>(h);
+                } else {
+                    a = emu_kmajor(op.desc_a, row, k, op.bf16);
+                }
+                const float b = op.b_nmajor ? emu_nmajor(op.desc_b, k, col, op.bf16) : emu_kmajor(op.desc_b, col, k, op.bf16);
+                acc += static_cast<double>(a) * b;
+            }
+            op.d[4 * j + e] = static_cast<float>(acc);
+        }
+}
+
+template <typename T, int N>
+inline void wgmma_smem_kmajor(float (&d)[N / 8][4], uint64_t a, uint64_t b, int scale_d) {
+    EmuWgmmaOp op;
+    op.d = &d[0][0];
+    op.n = N;
+    op.bf16 = std::is_same_v<T, __nv_bfloat16>;
+    op.desc_a = a;
+    op.desc_b = b;
+    op.scale_d = scale_d != 0;
+    emu_wgmma_self().open.push_back(op);
+}
+template <typename T, int N>
+inline void wgmma_regs_nmajor(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b) {
+    auto& w = *emu::ctx.warp;
+    const int lane = emu::ctx.lane;
+    for (int i = 0; i < 4; ++i) w.u[lane][i] = a[i];
+    emu::warp_sync();
+    EmuWgmmaOp op;
+    for (int t = 0; t < 4; ++t)
+        for (int i = 0; i < 4; ++i) op.a[t][i] = w.u[(lane & ~3) + t][i];
+    emu::warp_sync();
+    op.d = &d[0][0];
+    op.n = N;
+    op.bf16 = std::is_same_v<T, __nv_bfloat16>;
+    op.a_regs = true;
+    op.desc_b = b;
+    op.b_nmajor = true;
+    emu_wgmma_self().open.push_back(op);
+}
+inline void wgmma_commit() {
+    auto& s = emu_wgmma_self();
+    s.groups.push_back(std::move(s.open));
+    s.open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+    auto& s = emu_wgmma_self();
+    while (static_cast<int>(s.groups.size()) > N) {
+        for (const auto& op : s.groups.front()) emu_wgmma_run(op);
+        s.groups.erase(s.groups.begin());
+    }
+}
