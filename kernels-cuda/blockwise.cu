@@ -426,12 +426,14 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[NK][4], float sl2, boo
 }
 
 // One tile of the online softmax: s (log2 units) becomes P = 2^(s - m) for the
-// updated row maxima m; l (this lane's share of each row's sum, reduced over
-// the quad at the end) and the output accumulators are rescaled. A row with
-// nothing seen yet keeps m = -inf and uses 0 as its reference, so
-// 2^(-inf - 0) = 0 and no -inf - -inf arises.
-template <int NK, int ND>
-__device__ __forceinline__ void online_softmax(float (&s)[NK][4], float (&m)[2], float (&l)[2], float (&acc)[ND][4]) {
+// updated row maxima m, l (this lane's share of each row's sum, reduced over
+// the quad at the end) is updated, and alpha is the factor the output
+// accumulators must be rescaled by (rescale_rows; the wgmma kernel defers it
+// while P V of the previous tile is in flight). A row with nothing seen yet
+// keeps m = -inf and uses 0 as its reference, so 2^(-inf - 0) = 0 and no
+// -inf - -inf arises.
+template <int NK>
+__device__ __forceinline__ void online_softmax(float (&s)[NK][4], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mt = neg_inf();
@@ -441,7 +443,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NK][4], float (&m)[2],
         mt = fmaxf(mt, __shfl_xor_sync(frugal::kFullMask, mt, 2));
         const float mn = fmaxf(m[r], mt);
         const float ref = (mn == neg_inf()) ? 0.f : mn;
-        const float alpha = fast_exp2(m[r] - ref);
+        alpha[r] = fast_exp2(m[r] - ref);
         m[r] = mn;
         float ps = 0.f;
 #pragma unroll
@@ -452,13 +454,16 @@ __device__ __forceinline__ void online_softmax(float (&s)[NK][4], float (&m)[2],
                 s[n][e] = pr;
                 ps += pr;
             }
-        l[r] = l[r] * alpha + ps;
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-            acc[n][2 * r] *= alpha;
-            acc[n][2 * r + 1] *= alpha;
-        }
+        l[r] = l[r] * alpha[r] + ps;
     }
+}
+
+template <int ND>
+__device__ __forceinline__ void rescale_rows(float (&acc)[ND][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] *= alpha[e >> 1];
 }
 
 // Epilogue per row: this block's partial is (acc / l, lse_b); in accumulate
@@ -611,7 +616,9 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
         // block's first row (j0 + BK <= kv_len keeps the sum below i32::MAX).
         const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
         scores_to_log2(s, sl2, need_mask, warp * 16 + grp, tig, i0, j0, rows, p);
-        online_softmax(s, m, l, acc);
+        float alpha[2];
+        online_softmax(s, m, l, alpha);
+        rescale_rows(acc, alpha);
 
         // O += P V: the S accumulators of n-tiles 2 kt and 2 kt + 1 are the A
         // fragment of keys 16 kt..16 kt + 15; ldmatrix.trans gives V's B fragments
@@ -783,8 +790,9 @@ __device__ __forceinline__ void forward_wgmma_impl(const T* __restrict__ q, cons
     // Align to 1024 bytes in the shared window (the swizzle atoms' boundary).
     const unsigned raw = smem_u32(bw_mma_smem);
     unsigned char* q_sh = bw_mma_smem + (((raw + 1023u) & ~1023u) - raw);
-    unsigned char* kv_sh = q_sh + TILE_Q;  // stage s: K at kv_sh + 2 s TILE_KV, V right after
-    const unsigned q_addr = smem_u32(q_sh), kv_addr = smem_u32(kv_sh);
+    unsigned char* k_sh = q_sh + TILE_Q;         // stage s at k_sh + s TILE_KV
+    unsigned char* v_sh = k_sh + 2 * TILE_KV;    // stage s at v_sh + s TILE_KV
+    const unsigned q_addr = smem_u32(q_sh), k_addr = smem_u32(k_sh), v_addr = smem_u32(v_sh);
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2,
               tig = lane & 3;
@@ -801,8 +809,41 @@ __device__ __forceinline__ void forward_wgmma_impl(const T* __restrict__ q, cons
     const float sl2 = p.scale * kLog2e;
     const int r0 = wg * 64 + warp * 16 + grp;  // this lane's first row in the block
 
-    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
-    float acc[ND][4], s[NK][4];
+    // Tile t's K (V) lives in K (V) stage t % 2; rows past kend are zeros.
+    auto load_k = [&](int t) {
+        load_tile_sw128<T, D, BK>(k_sh + (t & 1) * TILE_KV, kb + (long long)t * BK * p.k_st[2], p.k_st[2],
+                                  min(BK, kend - t * BK));
+    };
+    auto load_v = [&](int t) {
+        load_tile_sw128<T, D, BK>(v_sh + (t & 1) * TILE_KV, vb + (long long)t * BK * p.v_st[2], p.v_st[2],
+                                  min(BK, kend - t * BK));
+    };
+    // S = Q K^T of tile t: k-step kk reads dims 16 kk.. of this warpgroup's 64
+    // Q rows and of the tile's 128 keys, at byte 32 (kk % 4) of their 128-byte
+    // rows in column block kk / 4.
+    float s[NK][4];
+    auto issue_s = [&](int t) {
+        const unsigned kt_addr = k_addr + (t & 1) * TILE_KV;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned col = (kk % 4) * 32;
+            const unsigned long long da =
+                sw128_desc(q_addr + (kk / 4) * (BQ * 128) + wg * (64 * 128) + col, 16, 1024);
+            const unsigned long long db = sw128_desc(kt_addr + (kk / 4) * (BK * 128) + col, 16, 1024);
+            wgmma_smem_kmajor<T, BK>(s, da, db, kk > 0);
+        }
+        wgmma_commit();
+    };
+    // Mask and softmax of tile t's scores; P stays in s as f32.
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f}, alpha[2];
+    auto softmax_s = [&](int t) {
+        const int j0 = t * BK;
+        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
+        scores_to_log2(s, sl2, need_mask, r0, tig, i0, j0, rows, p);
+        online_softmax(s, m, l, alpha);
+    };
+
+    float acc[ND][4];
 #pragma unroll
     for (int n = 0; n < ND; ++n)
 #pragma unroll
@@ -811,68 +852,78 @@ __device__ __forceinline__ void forward_wgmma_impl(const T* __restrict__ q, cons
     for (int n = 0; n < NK; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+    // P of the tile whose P V is next, packed to T: keys 16 kt.. are P's
+    // n-tiles 2 kt, 2 kt + 1 (acc_to_a) and V's 8-key groups 2 kt, 2 kt + 1.
+    unsigned pa[NK / 2][4];
 
+    // Intra-warpgroup pipelining (as FlashAttention-3): while the tensor cores
+    // run O += P V of tile t, the warpgroup's softmax works on S of tile t + 1,
+    // which was issued just before; the rescale of O by that tile's alpha
+    // waits for the P V to complete. Loads run a tile ahead: the group issued
+    // at the top of step t brings K of tile t + 2 (into the stage S of tile t
+    // read, done before every warpgroup passed this step's barrier) and V of
+    // tile t + 1 (into the stage P V of tile t - 1 read).
+    // No wgmma sits under an `if`: ptxas serializes every wgmma of a kernel
+    // that issues one on a path it cannot prove uniform, so the first S, the
+    // pipelined steps and the last P V are three loops of 0 or more trips.
+    auto wait_loads = [&] {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+    };
+    auto issue_pv = [&](int t) {
+        const unsigned vt_addr = v_addr + (t & 1) * TILE_KV;
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt)
+            wgmma_regs_nmajor<T, D>(acc, pa[kt], sw128_desc(vt_addr + kt * 2048, BK * 128, 1024));
+        wgmma_commit();
+    };
+    auto pack_p = [&] {
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt) acc_to_a<T>(pa[kt], s[2 * kt], s[2 * kt + 1]);
+    };
     if (ntiles > 0) {
         load_tile_sw128<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
                                   rows);
-        const int nk = min(BK, kend);
-        load_tile_sw128<T, D, BK>(kv_sh, kb, p.k_st[2], nk);
-        load_tile_sw128<T, D, BK>(kv_sh + TILE_KV, vb, p.v_st[2], nk);
+        load_k(0);
+        load_v(0);
+        if (ntiles > 1) load_k(1);
         cp_async_commit();
     }
-
-    for (int t = 0; t < ntiles; ++t) {
-        const int j0 = t * BK;
-        // Prefetch the next tile into the other stage (freed by the previous
-        // iteration's closing barrier); the group is empty on the last tile.
-        if (t + 1 < ntiles) {
-            const int jn = j0 + BK;
-            const int nk = min(BK, kend - jn);
-            unsigned char* kn = kv_sh + ((t + 1) & 1) * 2 * TILE_KV;
-            load_tile_sw128<T, D, BK>(kn, kb + (long long)jn * p.k_st[2], p.k_st[2], nk);
-            load_tile_sw128<T, D, BK>(kn + TILE_KV, vb + (long long)jn * p.v_st[2], p.v_st[2], nk);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();  // this tile's group (and Q) has landed
-        fence_proxy_async();
-        __syncthreads();
-        const unsigned k_addr = kv_addr + (t & 1) * 2 * TILE_KV, v_addr = k_addr + TILE_KV;
-
-        // S = Q K^T: k-step kk reads dims 16 kk.. of this warpgroup's 64 Q rows
-        // and of the tile's 128 keys, at byte 32 (kk % 4) of their 128-byte rows
-        // in column block kk / 4.
+    for (int t = 0; t < min(ntiles, 1); ++t) {  // S of tile 0
+        wait_loads();
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned col = (kk % 4) * 32;
-            const unsigned long long da = sw128_desc(q_addr + (kk / 4) * (BQ * 128) + wg * (64 * 128) + col, 16, 1024);
-            const unsigned long long db = sw128_desc(k_addr + (kk / 4) * (BK * 128) + col, 16, 1024);
-            wgmma_smem_kmajor<T, BK>(s, da, db, kk > 0);
-        }
-        wgmma_commit();
+        issue_s(0);
         wgmma_wait<0>();
         wgmma_hold(s);
-
-        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
-        scores_to_log2(s, sl2, need_mask, r0, tig, i0, j0, rows, p);
-        online_softmax(s, m, l, acc);
-
-        // O += P V: keys 16 kt.. are P's n-tiles 2 kt, 2 kt + 1 (acc_to_a) and
-        // V's 8-key groups 2 kt, 2 kt + 1 (2048 bytes a k-step).
-        unsigned pa[NK / 2][4];
-#pragma unroll
-        for (int kt = 0; kt < NK / 2; ++kt) acc_to_a<T>(pa[kt], s[2 * kt], s[2 * kt + 1]);
+        softmax_s(0);
+        pack_p();
+    }
+    for (int t = 0; t + 1 < ntiles; ++t) {  // S of tile t + 1 beside P V of tile t
+        wait_loads();  // K of tile t + 1 and V of tile t
+        if (t + 2 < ntiles) load_k(t + 2);
+        load_v(t + 1);
+        cp_async_commit();
         wgmma_fence();
-#pragma unroll
-        for (int kt = 0; kt < NK / 2; ++kt)
-            wgmma_regs_nmajor<T, D>(acc, pa[kt], sw128_desc(v_addr + kt * 2048, BK * 128, 1024));
-        wgmma_commit();
+        issue_s(t + 1);
+        issue_pv(t);
+        wgmma_wait<1>();  // S of tile t + 1 is done; P V of tile t may still run
+        wgmma_hold(s);
+        softmax_s(t + 1);
         wgmma_wait<0>();
         wgmma_hold(acc);
         wgmma_hold(pa);
-        __syncthreads();  // both warpgroups are done with this stage before it is refilled
+        rescale_rows(acc, alpha);
+        pack_p();
     }
-
+    for (int t = ntiles - 1; t >= 0 && t + 1 == ntiles; --t) {  // P V of the last tile
+        wait_loads();  // V of the last tile
+        wgmma_fence();
+        issue_pv(t);
+        wgmma_wait<0>();
+        wgmma_hold(acc);
+        wgmma_hold(pa);
+    }
     write_partial(acc, m, l, r0, tig, rows, row0, o, lse, p);
 }
 #endif

@@ -134,6 +134,9 @@ struct EmuWgmmaOp {
     bool bf16 = false;
     bool a_regs = false;  // A from registers (else K-major in shared memory at desc_a)
     uint32_t a[4][4] = {};  // the quad's A registers: a[tig][reg]
+    const unsigned* a_own = nullptr;  // this thread's A registers, which must not change before the wait
+    uint32_t a_issued[4] = {};
+    std::vector<float> d_issued;  // d at issue, which no other instruction may change before the wait
     uint64_t desc_a = 0, desc_b = 0;
     bool b_nmajor = false;
     bool scale_d = true;
@@ -146,6 +149,20 @@ struct EmuWgmmaThread {
 inline EmuWgmmaThread emu_wgmma_threads[1024];
 
 inline unsigned emu_linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline EmuWgmmaThread& emu_wgmma_self();
+
+// Queues `op`; the first pending operation on an accumulator records it, so a
+// change by other instructions before the wait is reported when it runs.
+inline void emu_wgmma_issue(EmuWgmmaOp op) {
+    auto& s = emu_wgmma_self();
+    bool pending = false;
+    for (const auto& g : s.groups)
+        for (const auto& x : g) pending |= x.d == op.d;
+    for (const auto& x : s.open) pending |= x.d == op.d;
+    if (!pending) op.d_issued.assign(op.d, op.d + op.n / 2);
+    s.open.push_back(std::move(op));
+}
 
 inline EmuWgmmaThread& emu_wgmma_self() {
     auto& s = emu_wgmma_threads[emu_linear_tid()];
@@ -181,8 +198,13 @@ inline float emu_nmajor(uint64_t desc, int k, int n, bool bf16) {
 }
 
 inline void emu_wgmma_run(const EmuWgmmaOp& op) {
+    for (int i = 0; op.a_own && i < 4; ++i)
+        emu_require(op.a_own[i] == op.a_issued[i], "wgmma: an A register changed before the wgmma.wait_group covering it");
     const int tid = static_cast<int>(emu_linear_tid());
     const int warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2, tig = lane & 3;
+    for (size_t i = 0; i < op.d_issued.size(); ++i)
+        emu_require(std::memcmp(&op.d[i], &op.d_issued[i], 4) == 0,
+                    "wgmma: an accumulator changed before the wgmma.wait_group covering it");
     for (int j = 0; j < op.n / 8; ++j)
         for (int e = 0; e < 4; ++e) {
             const int hi = e >> 1, col = 8 * j + 2 * tig + (e & 1);
@@ -213,7 +235,7 @@ inline void wgmma_smem_kmajor(float (&d)[N / 8][4], uint64_t a, uint64_t b, int 
     op.desc_a = a;
     op.desc_b = b;
     op.scale_d = scale_d != 0;
-    emu_wgmma_self().open.push_back(op);
+    emu_wgmma_issue(std::move(op));
 }
 template <typename T, int N>
 inline void wgmma_regs_nmajor(float (&d)[N / 8][4], const unsigned (&a)[4], uint64_t b) {
@@ -231,7 +253,9 @@ inline void wgmma_regs_nmajor(float (&d)[N / 8][4], const unsigned (&a)[4], uint
     op.a_regs = true;
     op.desc_b = b;
     op.b_nmajor = true;
-    emu_wgmma_self().open.push_back(op);
+    op.a_own = a;
+    for (int i = 0; i < 4; ++i) op.a_issued[i] = a[i];
+    emu_wgmma_issue(std::move(op));
 }
 inline void wgmma_commit() {
     auto& s = emu_wgmma_self();
