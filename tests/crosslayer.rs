@@ -270,6 +270,27 @@ fn cache_write_and_device_bytes(backend: &Backend) {
     assert!(err <= 1e-5, "{backend:?}: {err:e}");
 }
 
+/// The saving as the device's allocations show it: full slots cost exactly
+/// (distinct targets / layers) of the standard cache; sliding-window slots
+/// cost their window, whatever the context.
+fn memory_from_device_allocations(backend: &Backend) {
+    let (tokens, kv_heads, d) = (1000, 2, 64);
+    for map in [LayerMap::lckv(22, 2), LayerMap::cla(22, 2), LayerMap::cla(7, 3)] {
+        let (mapped, standard) =
+            frugal_attn::crosslayer::run::allocated_bytes(backend, &map, DType::F16, kv_heads, d, tokens).unwrap();
+        let m = map.memory(kv_heads, d, DType::F16);
+        assert_eq!(standard, tokens * m.standard_per_token, "{backend:?} {map}");
+        assert_eq!(mapped, tokens * m.mapped_per_token, "{backend:?} {map}");
+        assert_eq!(mapped * map.layers(), standard * map.slot_layers().len(), "{backend:?} {map}");
+    }
+    let yoco = LayerMap::yoco(8, 16);
+    let (mapped, standard) =
+        frugal_attn::crosslayer::run::allocated_bytes(backend, &yoco, DType::F32, 2, 64, 300).unwrap();
+    let row = 2 * 2 * 64 * 4;
+    // Layers 0..3 own ring slots of 16 rows, layer 4 a full slot; the standard cache has 8 full ones.
+    assert_eq!((mapped, standard), (row * (4 * 16 + 300), row * 8 * 300), "{backend:?}");
+}
+
 // ------------------------------------------------------------- tiny model
 
 fn model(map: LayerMap, rope: bool, seed: u64) -> TinyModel {
@@ -539,6 +560,7 @@ backend_tests!(
     strided_layouts,
     window_one_is_own_value,
     cache_write_and_device_bytes,
+    memory_from_device_allocations,
     tiny_model_on_backend,
     bad_input,
     decode_form,

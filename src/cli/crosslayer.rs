@@ -6,7 +6,7 @@ use clap::Args;
 use frugal_attn::crosslayer::run::{self, AttnInputs, AttnSession};
 use frugal_attn::crosslayer::{ring_rows, AttnParams, AttnShape, LayerMap, MaskMode};
 use frugal_attn::host::{rel_l2, Rng};
-use frugal_attn::{Backend, DType, Error, Result};
+use frugal_attn::{backend, Backend, DType, Error, Result};
 use std::cell::OnceCell;
 
 const DEFAULT_LAYERS: usize = 22;
@@ -202,11 +202,14 @@ impl Case for CrossLayerCase {
         AttnSession::new(backend, &self.params, &self.inputs)?.time(iters)
     }
 
-    fn note(&self, _backend: &Backend, _secs: f64) -> Option<String> {
+    fn note(&self, backend: &Backend, _secs: f64) -> Option<String> {
         let s = &self.params.shape;
         let m = self.map.memory(s.kv_heads, s.head_dim, self.dtype());
+        let tokens = self.inputs.kv_lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+        let allocated = allocated_line(backend, &self.map, self.dtype(), s.kv_heads, s.head_dim, tokens)
+            .unwrap_or_else(|e| format!("allocating both caches failed: {e}"));
         Some(format!(
-            "crosslayer {}: KV cache {} B/token against {} B/token standard ({:.3}x)",
+            "crosslayer {}: KV cache {} B/token against {} B/token standard ({:.3}x); {allocated}",
             self.map.layer_types(),
             m.mapped_per_token,
             m.standard_per_token,
@@ -229,6 +232,10 @@ pub struct KvMemoryArgs {
     pub dtype: DType,
     #[command(flatten)]
     pub map: CrossLayerArgs,
+    /// Also allocate both caches for this many positions of one sequence on
+    /// the best backend and print their device bytes
+    #[arg(long, value_name = "TOKENS")]
+    pub allocate: Option<usize>,
 }
 
 pub fn kv_memory(args: &KvMemoryArgs) -> Result<bool> {
@@ -249,5 +256,33 @@ pub fn kv_memory(args: &KvMemoryArgs) -> Result<bool> {
         );
     }
     println!("reduction: {:.2}x ({:.1}% of the standard cache)", 1.0 / m.ratio(), 100.0 * m.ratio());
+    if let Some(tokens) = args.allocate {
+        let backend = backend::best();
+        println!("{}", allocated_line(&backend, &map, args.dtype, args.kv_heads, args.head_dim, tokens)?);
+    }
     Ok(true)
+}
+
+/// Both caches allocated on `backend` for `tokens` positions, as one line.
+fn allocated_line(
+    backend: &Backend,
+    map: &LayerMap,
+    dtype: DType,
+    kv_heads: usize,
+    head_dim: usize,
+    tokens: usize,
+) -> Result<String> {
+    if tokens == 0 {
+        return Err(Error::invalid("allocate", "must be at least 1 position"));
+    }
+    let (mapped, standard) = run::allocated_bytes(backend, map, dtype, kv_heads, head_dim, tokens)?;
+    Ok(format!(
+        "allocated on {} ({}) for {tokens} positions: mapped {mapped} bytes ({:.1}/token), standard {standard} bytes \
+         ({:.1}/token): {:.1}% of the standard cache",
+        backend.kind(),
+        backend.device_name(),
+        mapped as f64 / tokens as f64,
+        standard as f64 / tokens as f64,
+        100.0 * mapped as f64 / standard.max(1) as f64
+    ))
 }

@@ -317,6 +317,25 @@ fn gather(p: &AttnParams, out: &[f64]) -> Vec<f64> {
     g
 }
 
+/// Device bytes of a [`CrossLayerCache`] for `map` and of the standard cache
+/// (every layer its own slot) of the same geometry, each allocated in turn on
+/// `backend` for one sequence of `tokens` positions decoded a token at a time:
+/// the saving as the device's allocations show it. Full slots hold `tokens`
+/// rows, sliding-window slots `window` rows.
+pub fn allocated_bytes(
+    backend: &Backend,
+    map: &LayerMap,
+    dtype: DType,
+    kv_heads: usize,
+    head_dim: usize,
+    tokens: usize,
+) -> Result<(usize, usize)> {
+    let bytes = |m: &LayerMap| {
+        CrossLayerCache::new(backend, m, dtype, 1, kv_heads, kv_heads, head_dim, tokens, 1).map(|c| c.device_bytes())
+    };
+    Ok((bytes(map)?, bytes(&LayerMap::standard(map.layers()))?))
+}
+
 /// A cross-layer KV cache on one backend: one K and one V buffer per distinct
 /// target layer (`[B, H_kv, rows, D]` each), ring buffers of
 /// `ring_rows(window, chunk)` rows for sliding-window slots, and a host mirror
