@@ -73,13 +73,18 @@ bench)
   w="--batch 1 --q-heads 32 --kv-heads 32 --seq 8192 --head-dim 128 --dtype bf16"
   fb blockwise --backend cuda $w; fb blockwise --backend cuda $w --causal
   fb blockwise --backend cuda $w --backward; fb blockwise --backend cuda $w --causal --backward
+  # The same forwards on the mma.sync kernel (the wgmma one stands aside), into their own file.
+  for c in "" --causal; do
+    FRUGAL_CUDA_NO_WGMMA=1 timeout 150 "$fa" bench blockwise --backend cuda $w $c --json >>"$out/bench-mma.jsonl" 2>>"$out/bench.err"
+  done
   py blockwise $w
   r="--batch 1 --q-heads 16 --kv-heads 4 --head-dim 128 --dtype bf16 --causal --layout zigzag"
   fb ring --backend cuda $r --ranks 8 --seq 65536 --backward
   fb blockwise --backend cuda --batch 1 --q-heads 16 --kv-heads 4 --head-dim 128 --dtype bf16 --seq 65536 --causal --backward
-  python3 - "$j" "$t" <<'PY'
+  python3 - "$j" "$t" "$out/bench-mma.jsonl" <<'PY'
 import json, sys
 for path in sys.argv[1:]:
+    if path.endswith("bench-mma.jsonl"): print("-- with FRUGAL_CUDA_NO_WGMMA=1 (mma.sync forward):")
     for line in open(path):
         try: r = json.loads(line)
         except ValueError: continue

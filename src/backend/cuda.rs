@@ -27,6 +27,7 @@ pub struct CudaBackend {
     name: String,
     sm_count: usize,
     compute_capability: (u32, u32),
+    hopper_kernels: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -82,7 +83,8 @@ impl CudaBackend {
         );
         let stream = ctx.new_stream().map_err(|e| Error::device(NAME, e))?;
         let functions = Mutex::new(HashMap::new());
-        Ok(CudaBackend { ctx, stream, module, functions, name, sm_count, compute_capability })
+        let hopper_kernels = compute_capability == (9, 0) && std::env::var_os("FRUGAL_CUDA_NO_WGMMA").is_none();
+        Ok(CudaBackend { ctx, stream, module, functions, name, sm_count, compute_capability, hopper_kernels })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -102,9 +104,16 @@ impl CudaBackend {
         self.sm_count
     }
 
-    /// `(major, minor)`: kernels built only as sm_90a SASS (wgmma) run on exactly (9, 0).
     pub fn compute_capability(&self) -> (u32, u32) {
         self.compute_capability
+    }
+
+    /// Whether the Hopper kernels (wgmma, built only as sm_90a SASS) run:
+    /// on compute capability 9.0, unless `FRUGAL_CUDA_NO_WGMMA` was set when
+    /// the backend opened (to compare them with the `mma.sync` kernels on the
+    /// same card, or to sidestep them).
+    pub fn hopper_kernels(&self) -> bool {
+        self.hopper_kernels
     }
 
     /// A kernel of the embedded module, looked up once.

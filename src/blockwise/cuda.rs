@@ -266,7 +266,7 @@ fn allow_smem(f: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
 /// `[B, Hq, q_len, D]` and `lse` `[B, Hq, q_len]` (`-inf` and 0 for rows
 /// that see no key); with `accumulate` the pair is merged into `(o, lse)`.
 /// f16/bf16 at head_dim 64 or 128 with every Q/K/V row 16-byte aligned run on
-/// tensor cores (`wgmma` on compute capability 9.0, `mma.sync` elsewhere);
+/// tensor cores (`wgmma` where [`CudaBackend::hopper_kernels`], else `mma.sync`);
 /// everything else on the f32-FMA kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element>(
@@ -302,8 +302,7 @@ pub fn forward<T: Element>(
     // Tensor cores where they apply (wgmma on Hopper, else mma.sync), else f32 FMA.
     let l = &params.layout;
     let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
-    let hopper = backend.compute_capability() == (9, 0);
-    let wgmma = mma.and_then(|_| wgmma_kernel_name(T::DTYPE, s.head_dim)).filter(|_| hopper);
+    let wgmma = mma.and_then(|_| wgmma_kernel_name(T::DTYPE, s.head_dim)).filter(|_| backend.hopper_kernels());
     let (name, smem, rows_per_block, threads) = match (wgmma, mma) {
         (Some(name), _) => (name, wgmma_forward_smem(s.head_dim), WGMMA_ROWS, WGMMA_THREADS),
         (None, Some(name)) => (name, mma_forward_smem(s.head_dim), MMA_ROWS, THREADS),
