@@ -667,21 +667,23 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
 // K [D/64][128][64], V [D/64][128][64].
 
 constexpr int kWgThreads = 256;  // two warpgroups
-constexpr int kWgRows = 128;     // query rows per block (64 per warpgroup)
-constexpr int kWgKeys = 128;     // keys per KV tile
 
 #if defined(FRUGAL_CUDA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define BW_HAS_WGMMA 1
+constexpr int kWgRows = 128;  // query rows per block (64 per warpgroup); keys per dK/dV block
+constexpr int kWgKeys = 128;  // keys per KV tile of the forward
 #endif
 
 #if !defined(FRUGAL_CUDA_EMU) && defined(BW_HAS_WGMMA)
-// The accumulator operands of an m64nN f32 wgmma, N = 64 or 128: N / 2
+// The accumulator operands of an m64nN f32 wgmma, N = 32, 64 or 128: N / 2
 // registers a thread, d[n][e] for n-tile n (the m16n8 layout per warp).
+#define BW_WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define BW_WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define BW_WG_ACC128                                                                                 \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define BW_WG_OUT4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define BW_WG_OUT32(d) BW_WG_OUT4(d, 0), BW_WG_OUT4(d, 1), BW_WG_OUT4(d, 2), BW_WG_OUT4(d, 3)
 #define BW_WG_OUT64(d) BW_WG_OUT4(d, 0), BW_WG_OUT4(d, 1), BW_WG_OUT4(d, 2), BW_WG_OUT4(d, 3), BW_WG_OUT4(d, 4), \
     BW_WG_OUT4(d, 5), BW_WG_OUT4(d, 6), BW_WG_OUT4(d, 7)
 #define BW_WG_OUT128(d) BW_WG_OUT64(d), BW_WG_OUT4(d, 8), BW_WG_OUT4(d, 9), BW_WG_OUT4(d, 10), BW_WG_OUT4(d, 11), \
@@ -716,8 +718,10 @@ __device__ __forceinline__ void wgmma_regs_nmajor(float (&d)[N / 8][4], const un
     }
 
 // Operand numbers after the N / 2 accumulators: SS: a, b, scale_d; RS: b, then the 4 A registers.
+BW_WGMMA_WRAPPERS(__half, "f16", 32, BW_WG_ACC32, BW_WG_OUT32, "%16", "%17", "%18", "{%17, %18, %19, %20}")
 BW_WGMMA_WRAPPERS(__half, "f16", 64, BW_WG_ACC64, BW_WG_OUT64, "%32", "%33", "%34", "{%33, %34, %35, %36}")
 BW_WGMMA_WRAPPERS(__half, "f16", 128, BW_WG_ACC128, BW_WG_OUT128, "%64", "%65", "%66", "{%65, %66, %67, %68}")
+BW_WGMMA_WRAPPERS(__nv_bfloat16, "bf16", 32, BW_WG_ACC32, BW_WG_OUT32, "%16", "%17", "%18", "{%17, %18, %19, %20}")
 BW_WGMMA_WRAPPERS(__nv_bfloat16, "bf16", 64, BW_WG_ACC64, BW_WG_OUT64, "%32", "%33", "%34", "{%33, %34, %35, %36}")
 BW_WGMMA_WRAPPERS(__nv_bfloat16, "bf16", 128, BW_WG_ACC128, BW_WG_OUT128, "%64", "%65", "%66",
                   "{%65, %66, %67, %68}")
@@ -1552,6 +1556,324 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
     }
 }
 
+// ---------------------------------------------------------------------------
+// Hopper backward (wgmma; compute capability 9.0, the launch conditions of the
+// mma.sync backward): dkv_mma_impl and dq_mma_impl with their products on
+// warpgroup MMAs, shared tiles 128-byte swizzled as in forward_wgmma_impl.
+#ifdef BW_HAS_WGMMA
+
+// Query rows per step of the wgmma dK/dV kernel: 64 at D = 64; 32 at D = 128,
+// where dK and dV take 128 accumulator registers a lane.
+template <int D>
+struct DkvWgmma {
+    static constexpr int kQRows = D == 64 ? 64 : 32;
+};
+
+// dK/dV. Block: 2 warpgroups; warpgroup wg owns keys 64 wg..64 wg + 63 of a
+// 128-key tile of one (sequence, kv head); K and V stay in shared memory and
+// the query steps (the group's query heads x kQRows rows from the first row
+// that sees key j0) stream through two cp.async stages of Q, dO and the rows'
+// (log2(e) lse, delta), as in dkv_mma_impl. Per step, per warpgroup:
+//   S^T  = K Q^T   D/16 x m64n<BQ>k16, A = K, B = Q (both K-major, shared)
+//   dP^T = V dO^T  A = V, B = dO
+//   P^T, dS^T per accumulator (key, query) as in dkv_mma_impl
+//   dV  += P^T dO  BQ/16 x m64n<D>k16, A = P^T (registers), B = dO N-major
+//   dK  += dS^T Q  A = dS^T (registers), B = Q N-major
+// Shared (1024-aligned): K, V [D/64][128][64]; per stage s: Q, dO
+// [D/64][BQ][64]; then per stage (lse2, delta) [2][BQ] f32.
+template <typename T, int D>
+__device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                               const T* __restrict__ v, const T* __restrict__ d_o,
+                                               const float* __restrict__ lse, const float* __restrict__ delta,
+                                               float* __restrict__ dk, float* __restrict__ dv, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the wgmma backward covers head_dim 64 and 128");
+    constexpr int BKV = kWgRows, BQ = DkvWgmma<D>::kQRows;
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (dK, dV)
+    constexpr int NQ = BQ / 8;  // 8-wide n-tiles over the step's queries (S^T, dP^T)
+    constexpr int TILE_KV = BKV * D * 2, TILE_STEP = BQ * D * 2;  // bytes
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    const unsigned raw = smem_u32(bw_mma_smem);
+    unsigned char* k_sh = bw_mma_smem + (((raw + 1023u) & ~1023u) - raw);
+    unsigned char* v_sh = k_sh + TILE_KV;
+    unsigned char* step_sh = v_sh + TILE_KV;  // stage s: Q at step_sh + 2 s TILE_STEP, dO right after
+    float* row_sh = reinterpret_cast<float*>(step_sh + 4 * TILE_STEP);  // stage s: lse2 at row_sh + 2 s BQ, delta after
+    const unsigned k_addr = smem_u32(k_sh), v_addr = smem_u32(v_sh), step_addr = smem_u32(step_sh);
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2,
+              tig = lane & 3;
+    const int j0 = blockIdx.x * BKV, g = blockIdx.y, b = blockIdx.z;
+    const int groups = p.q_heads / p.kv_heads;
+    const int nk = min(BKV, p.kv_len - j0);
+    // Causal: rows before i_start see none of these keys; with none left the
+    // block has no step and leaves dK/dV as they are.
+    const int i_start = (p.causal && p.k0 + j0 > p.q0) ? p.k0 + j0 - p.q0 : 0;
+    const int qsteps = (p.q_len - i_start + BQ - 1) / BQ;
+    const int nsteps = i_start < p.q_len ? groups * qsteps : 0;
+    const float sl2 = p.scale * kLog2e;
+
+    // Step t: query head g groups + t / qsteps, rows i_start + (t % qsteps) BQ.., into stage t & 1.
+    auto stage = [&](int t) {
+        const int h = g * groups + t / qsteps;
+        const int i0 = i_start + (t % qsteps) * BQ;
+        const int rows = min(BQ, p.q_len - i0);
+        unsigned char* qs = step_sh + (t & 1) * 2 * TILE_STEP;
+        load_tile_sw128<T, D, BQ>(qs, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
+                                  rows);
+        load_tile_sw128<T, D, BQ>(qs + TILE_STEP,
+                                  d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2], p.o_st[2], rows);
+        float* rs = row_sh + (t & 1) * 2 * BQ;
+        const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+        for (int r = tid; r < BQ; r += kWgThreads) {
+            const float l2 = lse_log2(lse, row0 + r, r < rows);
+            rs[r] = l2;
+            rs[BQ + r] = (l2 == -neg_inf()) ? 0.f : delta[row0 + r];
+        }
+    };
+    if (nsteps > 0) {
+        load_tile_sw128<T, D, BKV>(k_sh, k + b * p.k_st[0] + g * p.k_st[1] + (long long)j0 * p.k_st[2], p.k_st[2],
+                                   nk);
+        load_tile_sw128<T, D, BKV>(v_sh, v + b * p.v_st[0] + g * p.v_st[1] + (long long)j0 * p.v_st[2], p.v_st[2],
+                                   nk);
+        stage(0);
+        cp_async_commit();
+    }
+
+    float dk_acc[ND][4], dv_acc[ND][4], s[NQ][4], ds[NQ][4];  // S^T then P^T; dP^T then dS^T
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
+    unsigned pa[NQ / 2][4], dsa[NQ / 2][4];
+
+    for (int t = 0; t < nsteps; ++t) {
+        // Prefetch the next step into the other stage (freed by the previous
+        // iteration's closing barrier); the group is empty on the last step.
+        if (t + 1 < nsteps) stage(t + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this step's group (and K/V with step 0) has landed
+        fence_proxy_async();
+        __syncthreads();
+        const int i0 = i_start + (t % qsteps) * BQ;
+        const unsigned q_addr = step_addr + (t & 1) * 2 * TILE_STEP, do_addr = q_addr + TILE_STEP;
+        const float* l2s = row_sh + (t & 1) * 2 * BQ;
+        const float* dls = l2s + BQ;
+
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned col = (kk / 4) * (BKV * 128) + wg * (64 * 128) + (kk % 4) * 32;
+            const unsigned step_col = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
+            wgmma_smem_kmajor<T, BQ>(s, sw128_desc(k_addr + col, 16, 1024), sw128_desc(q_addr + step_col, 16, 1024),
+                                     kk > 0);
+            wgmma_smem_kmajor<T, BQ>(ds, sw128_desc(v_addr + col, 16, 1024),
+                                     sw128_desc(do_addr + step_col, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(s);
+        wgmma_hold(ds);
+
+        // Mask only steps that hold keys past kv_len or cross the causal
+        // diagonal (the block's last key against the step's first row; j0 + BKV
+        // <= kv_len keeps the sum below i32::MAX). Rows past q_len have lse2 = +inf.
+        const bool need_mask = (j0 + BKV > p.kv_len) || (p.causal && p.k0 + j0 + BKV - 1 > p.q0 + i0);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int jl = wg * 64 + warp * 16 + grp + (e >> 1) * 8;  // key in the tile
+                const int il = n * 8 + tig * 2 + (e & 1);                  // query in the step
+                bool seen = true;
+                if (need_mask) seen = jl < nk && i0 + il < p.q_len && visible(p, i0 + il, j0 + jl);
+                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2s[il]) : 0.f;
+                s[n][e] = pr;
+                ds[n][e] = pr * (ds[n][e] - dls[il]);
+            }
+#pragma unroll
+        for (int kt = 0; kt < NQ / 2; ++kt) {
+            acc_to_a<T>(pa[kt], s[2 * kt], s[2 * kt + 1]);
+            acc_to_a<T>(dsa[kt], ds[2 * kt], ds[2 * kt + 1]);
+        }
+
+        // dV += P^T dO, dK += dS^T Q over the step's queries, 16 (two 8-row groups) a k-step.
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < NQ / 2; ++kt) {
+            wgmma_regs_nmajor<T, D>(dv_acc, pa[kt], sw128_desc(do_addr + kt * 2048, BQ * 128, 1024));
+            wgmma_regs_nmajor<T, D>(dk_acc, dsa[kt], sw128_desc(q_addr + kt * 2048, BQ * 128, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dv_acc);
+        wgmma_hold(dk_acc);
+        wgmma_hold(pa);
+        wgmma_hold(dsa);
+        __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    }
+
+    if (nsteps == 0) return;
+    const long long kv_row0 = ((long long)b * p.kv_heads + g) * p.kv_len + j0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int jl = wg * 64 + warp * 16 + grp + r * 8;
+        if (jl >= nk) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const long long idx = (kv_row0 + jl) * D + n * 8 + tig * 2 + c;
+                dk[idx] += p.scale * dk_acc[n][2 * r + c];
+                dv[idx] += dv_acc[n][2 * r + c];
+            }
+    }
+}
+
+// dQ. Block: 2 warpgroups; warpgroup wg owns query rows 64 wg..64 wg + 63 of
+// a 128-row tile of one (sequence, query head); Q and dO stay in shared
+// memory; KV tiles of 64 keys (only those the rows see) double-buffered
+// through cp.async, as in dq_mma_impl. Per tile, per warpgroup:
+//   S  = Q K^T   D/16 x m64n64k16, A = Q, B = K (both K-major, shared)
+//   dP = dO V^T  A = dO, B = V
+//   P, dS per accumulator (row, key) as in dq_mma_impl
+//   dQ += dS K   4 x m64n<D>k16, A = dS (registers), B = K N-major
+// Shared (1024-aligned): Q, dO [D/64][128][64]; per stage s: K, V [D/64][64][64].
+template <typename T, int D>
+__device__ __forceinline__ void dq_wgmma_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, const T* __restrict__ d_o,
+                                              const float* __restrict__ lse, const float* __restrict__ delta,
+                                              float* __restrict__ dq, const BwParams& p) {
+    static_assert(D == 64 || D == 128, "the wgmma backward covers head_dim 64 and 128");
+    constexpr int BQ = kWgRows, BK = 64;
+    constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (dQ)
+    constexpr int NK = BK / 8;  // 8-wide n-tiles over the keys (S, dP)
+    constexpr int TILE_Q = BQ * D * 2, TILE_KV = BK * D * 2;  // bytes
+    extern __shared__ __align__(16) unsigned char bw_mma_smem[];
+    const unsigned raw = smem_u32(bw_mma_smem);
+    unsigned char* q_sh = bw_mma_smem + (((raw + 1023u) & ~1023u) - raw);
+    unsigned char* do_sh = q_sh + TILE_Q;
+    unsigned char* kv_sh = do_sh + TILE_Q;  // stage s: K at kv_sh + 2 s TILE_KV, V right after
+    const unsigned q_addr = smem_u32(q_sh), do_addr = smem_u32(do_sh), kv_addr = smem_u32(kv_sh);
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, grp = lane >> 2,
+              tig = lane & 3;
+    // Causal: the tiles with the most keys first, so the short ones fill the tail.
+    const int qt = p.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int i0 = qt * BQ, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (p.q_heads / p.kv_heads);
+    const int rows = min(BQ, p.q_len - i0);
+    const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
+    const int kend = keys_end(p, i0 + rows - 1);
+    const int ntiles = (kend + BK - 1) / BK;  // 0: no row sees a key, dQ stays as it is
+    const T* kb = k + b * p.k_st[0] + g * p.k_st[1];
+    const T* vb = v + b * p.v_st[0] + g * p.v_st[1];
+    const float sl2 = p.scale * kLog2e;
+    const int r0 = wg * 64 + warp * 16 + grp;  // this lane's first row in the block
+
+    // log2(e) lse and delta of this lane's rows r0 and r0 + 8.
+    float l2[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r0 + r * 8;
+        l2[r] = lse_log2(lse, row0 + i, i < rows);
+        dl[r] = (l2[r] == -neg_inf()) ? 0.f : delta[row0 + i];
+    }
+    auto load_kv = [&](int t) {
+        unsigned char* kn = kv_sh + (t & 1) * 2 * TILE_KV;
+        const int nk = min(BK, kend - t * BK);
+        load_tile_sw128<T, D, BK>(kn, kb + (long long)t * BK * p.k_st[2], p.k_st[2], nk);
+        load_tile_sw128<T, D, BK>(kn + TILE_KV, vb + (long long)t * BK * p.v_st[2], p.v_st[2], nk);
+    };
+    if (ntiles > 0) {
+        load_tile_sw128<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2],
+                                  rows);
+        load_tile_sw128<T, D, BQ>(do_sh, d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2],
+                                  p.o_st[2], rows);
+        load_kv(0);
+        cp_async_commit();
+    }
+
+    float acc[ND][4], s[NK][4], ds[NK][4];  // dQ; S then P; dP then dS
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NK; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = ds[n][e] = 0.f;
+    unsigned dsa[NK / 2][4];
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int j0 = t * BK;
+        if (t + 1 < ntiles) load_kv(t + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group (and Q/dO with tile 0) has landed
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned k_addr = kv_addr + (t & 1) * 2 * TILE_KV, v_addr = k_addr + TILE_KV;
+
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned row_col = (kk / 4) * (BQ * 128) + wg * (64 * 128) + (kk % 4) * 32;
+            const unsigned key_col = (kk / 4) * (BK * 128) + (kk % 4) * 32;
+            wgmma_smem_kmajor<T, BK>(s, sw128_desc(q_addr + row_col, 16, 1024), sw128_desc(k_addr + key_col, 16, 1024),
+                                     kk > 0);
+            wgmma_smem_kmajor<T, BK>(ds, sw128_desc(do_addr + row_col, 16, 1024),
+                                     sw128_desc(v_addr + key_col, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(s);
+        wgmma_hold(ds);
+
+        // Mask as in dq_mma_impl: only tiles that cross the key end or the
+        // causal diagonal of the block's first row.
+        const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int i = r0 + r * 8;
+                const int j = j0 + n * 8 + tig * 2 + (e & 1);
+                bool seen = true;
+                if (need_mask) seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
+                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2[r]) : 0.f;
+                ds[n][e] = pr * (ds[n][e] - dl[r]);
+            }
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt) acc_to_a<T>(dsa[kt], ds[2 * kt], ds[2 * kt + 1]);
+
+        // dQ += dS K over the tile's keys, 16 (two 8-key groups) a k-step.
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < NK / 2; ++kt)
+            wgmma_regs_nmajor<T, D>(acc, dsa[kt], sw128_desc(k_addr + kt * 2048, BK * 128, 1024));
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(acc);
+        wgmma_hold(dsa);
+        __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    }
+
+    if (ntiles == 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r0 + r * 8;
+        if (i >= rows) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) dq[(row0 + i) * D + n * 8 + tig * 2 + c] += p.scale * acc[n][2 * r + c];
+    }
+}
+#endif
+
 }  // namespace frugal_bw
 
 // ---------------------------------------------------------------------------
@@ -1600,26 +1922,38 @@ extern "C" __global__ void __launch_bounds__(frugal_bw::kThreads)
         frugal_bw::forward_mma_impl<T, D>(q, k, v, o, lse, p);                                                 \
     }
 
-// Hopper forward: bw_forward_wgmma_<f16|bf16>_d<64|128> (grid: 128-row tiles x
-// query heads x batch, 256 threads); keep in sync with `wgmma_kernel_name` in
-// src/blockwise/cuda.rs, which launches it only on compute capability 9.0. The
-// body exists only in the sm_90a code; elsewhere it traps.
+// Hopper kernels, 256 threads: bw_forward_wgmma_<f16|bf16>_d<64|128> and
+// bw_dq_wgmma_* (grid: 128-row tiles x query heads x batch), bw_dkv_wgmma_*
+// (grid: 128-key tiles x kv heads x batch); keep in sync with
+// `wgmma_kernel_name` in src/blockwise/cuda.rs, which launches them only on
+// compute capability 9.0. Their bodies exist only in the sm_90a code;
+// elsewhere they trap.
 #ifdef BW_HAS_WGMMA
-#define BW_WGMMA_BODY(T, D) frugal_bw::forward_wgmma_impl<T, D>(q, k, v, o, lse, p);
+#define BW_WGMMA_BODY(...) frugal_bw::__VA_ARGS__;
 #else
-#define BW_WGMMA_BODY(T, D) __trap();
+#define BW_WGMMA_BODY(...) __trap();
 #endif
-#define BW_WGMMA_FORWARD(NAME, T, D)                                                                           \
+#define BW_WGMMA_KERNELS(NAME, T, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(frugal_bw::kWgThreads, 1)                                     \
         bw_forward_wgmma_##NAME##_d##D(const T* q, const T* k, const T* v, float* o, float* lse,               \
                                        frugal_bw::BwParams p) {                                                \
-        BW_WGMMA_BODY(T, D)                                                                                    \
+        BW_WGMMA_BODY(forward_wgmma_impl<T, D>(q, k, v, o, lse, p))                                            \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kWgThreads, 1)                                     \
+        bw_dkv_wgmma_##NAME##_d##D(const T* q, const T* k, const T* v, const T* d_o, const float* lse,         \
+                                   const float* delta, float* dk, float* dv, frugal_bw::BwParams p) {          \
+        BW_WGMMA_BODY(dkv_wgmma_impl<T, D>(q, k, v, d_o, lse, delta, dk, dv, p))                               \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(frugal_bw::kWgThreads, 1)                                     \
+        bw_dq_wgmma_##NAME##_d##D(const T* q, const T* k, const T* v, const T* d_o, const float* lse,          \
+                                  const float* delta, float* dq, frugal_bw::BwParams p) {                      \
+        BW_WGMMA_BODY(dq_wgmma_impl<T, D>(q, k, v, d_o, lse, delta, dq, p))                                    \
     }
 
-BW_WGMMA_FORWARD(f16, __half, 64)
-BW_WGMMA_FORWARD(f16, __half, 128)
-BW_WGMMA_FORWARD(bf16, __nv_bfloat16, 64)
-BW_WGMMA_FORWARD(bf16, __nv_bfloat16, 128)
+BW_WGMMA_KERNELS(f16, __half, 64)
+BW_WGMMA_KERNELS(f16, __half, 128)
+BW_WGMMA_KERNELS(bf16, __nv_bfloat16, 64)
+BW_WGMMA_KERNELS(bf16, __nv_bfloat16, 128)
 
 // Tensor-core backward: bw_dkv_mma_<f16|bf16>_d<64|128> (grid: 64-key tiles x
 // kv heads x batch) and bw_dq_mma_<f16|bf16>_d<64|128> (grid: 64-row tiles x

@@ -127,17 +127,25 @@ const WGMMA_ROWS: usize = 128;
 const WGMMA_KEYS: usize = 128;
 const WGMMA_THREADS: u32 = 256;
 
-/// The Hopper (wgmma) forward, `bw_forward_wgmma_<dtype>_d<D>`: f16/bf16 at
-/// head_dim 64 or 128 (mirrors `BW_WGMMA_FORWARD`). Its code exists only as
-/// sm_90a SASS, so it runs on compute capability 9.0 alone.
-fn wgmma_kernel_name(dtype: DType, head_dim: usize) -> Option<&'static str> {
-    match (dtype, head_dim) {
-        (DType::F16, 64) => Some("bw_forward_wgmma_f16_d64"),
-        (DType::F16, 128) => Some("bw_forward_wgmma_f16_d128"),
-        (DType::Bf16, 64) => Some("bw_forward_wgmma_bf16_d64"),
-        (DType::Bf16, 128) => Some("bw_forward_wgmma_bf16_d128"),
-        _ => None,
+/// The Hopper (wgmma) kernels, `bw_<kind>_wgmma_<dtype>_d<D>` (kind
+/// `forward`, `dkv` or `dq`): f16/bf16 at head_dim 64 or 128 (mirrors
+/// `BW_WGMMA_KERNELS`). Their code exists only as sm_90a SASS, so they run
+/// where [`CudaBackend::hopper_kernels`] says.
+fn wgmma_kernel_name(kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
+    macro_rules! table {
+        ($($k:literal),*) => {
+            match (kind, dtype, head_dim) {
+                $(
+                    ($k, DType::F16, 64) => Some(concat!("bw_", $k, "_wgmma_f16_d64")),
+                    ($k, DType::F16, 128) => Some(concat!("bw_", $k, "_wgmma_f16_d128")),
+                    ($k, DType::Bf16, 64) => Some(concat!("bw_", $k, "_wgmma_bf16_d64")),
+                    ($k, DType::Bf16, 128) => Some(concat!("bw_", $k, "_wgmma_bf16_d128")),
+                )*
+                _ => None,
+            }
+        };
     }
+    table!("forward", "dkv", "dq")
 }
 
 /// Shared memory of the Hopper forward: the Q tile and two stages of K and V
@@ -145,6 +153,32 @@ fn wgmma_kernel_name(dtype: DType, head_dim: usize) -> Option<&'static str> {
 /// 1024-byte swizzle atoms (mirrors blockwise.cu).
 fn wgmma_forward_smem(head_dim: usize) -> usize {
     1024 + 2 * (WGMMA_ROWS + 2 * 2 * WGMMA_KEYS) * head_dim
+}
+
+/// Query rows per step of the Hopper dK/dV kernel (`DkvWgmma<D>::kQRows`).
+fn wgmma_dkv_q_rows(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Shared memory of the Hopper dK/dV kernel: 128-key K and V tiles, two
+/// stages of Q and dO steps and of the steps' f32 (lse, delta), 1 KiB of
+/// alignment (mirrors blockwise.cu).
+fn wgmma_dkv_smem(head_dim: usize) -> usize {
+    let bq = wgmma_dkv_q_rows(head_dim);
+    1024 + 2 * (2 * WGMMA_ROWS + 2 * 2 * bq) * head_dim + 4 * 2 * 2 * bq
+}
+
+/// Keys per KV tile of the Hopper dQ kernel.
+const WGMMA_DQ_KEYS: usize = 64;
+
+/// Shared memory of the Hopper dQ kernel: 128-row Q and dO tiles and two
+/// stages of 64-key K and V tiles, 1 KiB of alignment (mirrors blockwise.cu).
+fn wgmma_dq_smem(head_dim: usize) -> usize {
+    1024 + 2 * (2 * WGMMA_ROWS + 2 * 2 * WGMMA_DQ_KEYS) * head_dim
 }
 
 /// Shared memory of the tensor-core forward: the Q tile and two stages of K
@@ -302,7 +336,8 @@ pub fn forward<T: Element>(
     // Tensor cores where they apply (wgmma on Hopper, else mma.sync), else f32 FMA.
     let l = &params.layout;
     let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
-    let wgmma = mma.and_then(|_| wgmma_kernel_name(T::DTYPE, s.head_dim)).filter(|_| backend.hopper_kernels());
+    let wgmma =
+        mma.and_then(|_| wgmma_kernel_name("forward", T::DTYPE, s.head_dim)).filter(|_| backend.hopper_kernels());
     let (name, smem, rows_per_block, threads) = match (wgmma, mma) {
         (Some(name), _) => (name, wgmma_forward_smem(s.head_dim), WGMMA_ROWS, WGMMA_THREADS),
         (None, Some(name)) => (name, mma_forward_smem(s.head_dim), MMA_ROWS, THREADS),
@@ -468,7 +503,8 @@ pub fn backward_prepass<T: Element>(
 /// `[B, Hq, q_len, D]` and `dk`/`dv` `[B, Hkv, kv_len, D]`: one kernel per KV
 /// tile for dK/dV and one per Q tile for dQ, so no element has two writers.
 /// f16/bf16 at head_dim 64 or 128 with every Q/K/V/dO row 16-byte aligned run
-/// on tensor cores (`mma.sync`); everything else on the f32-FMA kernels.
+/// on tensor cores (`wgmma` where [`CudaBackend::hopper_kernels`], else
+/// `mma.sync`); everything else on the f32-FMA kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element>(
     backend: &CudaBackend,
@@ -514,20 +550,26 @@ pub fn backward<T: Element>(
     ])?;
     let var = variant(s.head_dim);
     let kp = kernel_params(params, false);
-    // The tensor-core pair where it applies (dO read with the `o` strides), else the f32-FMA pair:
-    // (dK/dV kernel, its shared memory, keys per block), (dQ kernel, its shared memory, rows per block).
+    // The tensor-core pair where it applies (dO read with the `o` strides; wgmma on Hopper, else
+    // mma.sync), else the f32-FMA pair: (dK/dV kernel, its shared memory, keys per block),
+    // (dQ kernel, its shared memory, rows per block), threads per block.
     let l = &params.layout;
     let rows_2b = [(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v), (do_ptr, l.o)];
-    let ((dkv_name, dkv_bytes, bkv), (dq_name, dq_bytes, bq)) =
-        match (mma_kernel("dkv", T::DTYPE, s.head_dim, &rows_2b), mma_kernel("dq", T::DTYPE, s.head_dim, &rows_2b)) {
-            (Some(dkv), Some(dq)) => {
-                ((dkv, mma_dkv_smem(s.head_dim), MMA_KEYS), (dq, mma_dq_smem(s.head_dim), MMA_ROWS))
-            }
-            _ => (
-                (kernel_name("dkv", T::DTYPE, Some(var.d_max)), dkv_smem(s.head_dim), 16 * var.kpt),
-                (kernel_name("dq", T::DTYPE, Some(var.d_max)), dq_smem(s.head_dim), TILE),
-            ),
-        };
+    let d = s.head_dim;
+    let mma = mma_kernel("dkv", T::DTYPE, d, &rows_2b).zip(mma_kernel("dq", T::DTYPE, d, &rows_2b));
+    let wgmma = (wgmma_kernel_name("dkv", T::DTYPE, d).zip(wgmma_kernel_name("dq", T::DTYPE, d)))
+        .filter(|_| mma.is_some() && backend.hopper_kernels());
+    let ((dkv_name, dkv_bytes, bkv), (dq_name, dq_bytes, bq), threads) = match (wgmma, mma) {
+        (Some((dkv, dq)), _) => {
+            ((dkv, wgmma_dkv_smem(d), WGMMA_ROWS), (dq, wgmma_dq_smem(d), WGMMA_ROWS), WGMMA_THREADS)
+        }
+        (None, Some((dkv, dq))) => ((dkv, mma_dkv_smem(d), MMA_KEYS), (dq, mma_dq_smem(d), MMA_ROWS), THREADS),
+        (None, None) => (
+            (kernel_name("dkv", T::DTYPE, Some(var.d_max)), dkv_smem(d), 16 * var.kpt),
+            (kernel_name("dq", T::DTYPE, Some(var.d_max)), dq_smem(d), TILE),
+            THREADS,
+        ),
+    };
     let (dkv_f, dq_f) = (backend.function(dkv_name)?, backend.function(dq_name)?);
     allow_smem(&dkv_f, dkv_name, dkv_bytes)?;
     allow_smem(&dq_f, dq_name, dq_bytes)?;
@@ -546,7 +588,7 @@ pub fn backward<T: Element>(
             .arg(&kp)
             .launch(LaunchConfig {
                 grid_dim: (s.kv_len.div_ceil(bkv) as u32, s.kv_heads as u32, s.batch as u32),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: dkv_bytes as u32,
             })
             .map_err(launch_err(dkv_name))?;
@@ -562,7 +604,7 @@ pub fn backward<T: Element>(
             .arg(&kp)
             .launch(LaunchConfig {
                 grid_dim: (s.q_len.div_ceil(bq) as u32, s.q_heads as u32, s.batch as u32),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: dq_bytes as u32,
             })
             .map_err(launch_err(dq_name))?;
