@@ -1263,6 +1263,111 @@ __device__ __forceinline__ float lse_log2(const float* lse, long long row, bool 
     return l == neg_inf() ? -neg_inf() : l * kLog2e;
 }
 
+// Backward helpers shared by the mma.sync and wgmma kernels, on tiles in the
+// m16n8 accumulator layout ([n-tile][e]: this lane's rows r0 (e < 2) and
+// r0 + 8 (e >= 2), columns 8 n + 2 tig + (e & 1)).
+
+// log2(e) lse (+inf where the row contributes nothing) and delta of rows
+// [0, n) of a step into rs[0..n) and rs[n..2n), by `threads` threads.
+__device__ __forceinline__ void stage_row_stats(float* rs, int n, int rows, long long row0, const float* lse,
+                                                const float* delta, int threads) {
+    for (int r = threadIdx.x; r < n; r += threads) {
+        const float l2 = lse_log2(lse, row0 + r, r < rows);
+        rs[r] = l2;
+        rs[n + r] = (l2 == -neg_inf()) ? 0.f : delta[row0 + r];
+    }
+}
+
+// dK/dV: rows are keys (r0 in the tile, nk of them real), columns the step's
+// queries (il, from i0, whose log2(e) lse and delta are l2s/dls). s = S^T
+// becomes P^T, ds = dP^T becomes dS^T = P^T (dP^T - delta); masked only when
+// `need_mask`.
+template <int NQ>
+__device__ __forceinline__ void dkv_probs(float (&s)[NQ][4], float (&ds)[NQ][4], int r0, int tig, int nk, int i0,
+                                          int j0, bool need_mask, const float* l2s, const float* dls, float sl2,
+                                          const BwParams& p) {
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int jl = r0 + (e >> 1) * 8;           // key in the tile
+            const int il = n * 8 + tig * 2 + (e & 1);  // query in the step
+            bool seen = true;
+            if (need_mask) seen = jl < nk && i0 + il < p.q_len && visible(p, i0 + il, j0 + jl);
+            const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2s[il]) : 0.f;
+            s[n][e] = pr;
+            ds[n][e] = pr * (ds[n][e] - dls[il]);
+        }
+}
+
+// dQ: rows are queries (r0 in the block's tile of `rows`, log2(e) lse and
+// delta l2/dl), columns the tile's keys from j0. ds = dP becomes
+// dS = P (dP - delta) with P from s = S; masked only when `need_mask`.
+template <int NK>
+__device__ __forceinline__ void dq_probs(const float (&s)[NK][4], float (&ds)[NK][4], int r0, int tig, int rows,
+                                         int i0, int j0, bool need_mask, const float (&l2)[2], const float (&dl)[2],
+                                         float sl2, const BwParams& p) {
+#pragma unroll
+    for (int n = 0; n < NK; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const int i = r0 + r * 8;
+            const int j = j0 + n * 8 + tig * 2 + (e & 1);
+            bool seen = true;
+            if (need_mask) seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
+            const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2[r]) : 0.f;
+            ds[n][e] = pr * (ds[n][e] - dl[r]);
+        }
+}
+
+// dK += scale dK_acc, dV += dV_acc for this lane's keys r0, r0 + 8 (of nk) from kv_row0.
+template <int ND>
+__device__ __forceinline__ void add_dkv(const float (&dk_acc)[ND][4], const float (&dv_acc)[ND][4], int r0, int tig,
+                                        int nk, long long kv_row0, float* __restrict__ dk, float* __restrict__ dv,
+                                        float scale) {
+    constexpr int D = ND * 8;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int jl = r0 + r * 8;
+        if (jl >= nk) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const long long idx = (kv_row0 + jl) * D + n * 8 + tig * 2 + c;
+                dk[idx] += scale * dk_acc[n][2 * r + c];
+                dv[idx] += dv_acc[n][2 * r + c];
+            }
+    }
+}
+
+// dQ += scale dQ_acc for this lane's rows r0, r0 + 8 (of rows) from row0.
+template <int ND>
+__device__ __forceinline__ void add_dq(const float (&acc)[ND][4], int r0, int tig, int rows, long long row0,
+                                       float* __restrict__ dq, float scale) {
+    constexpr int D = ND * 8;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r0 + r * 8;
+        if (i >= rows) continue;
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) dq[(row0 + i) * D + n * 8 + tig * 2 + c] += scale * acc[n][2 * r + c];
+    }
+}
+// log2(e) lse and delta of this lane's rows r0, r0 + 8 (of rows) from row0.
+__device__ __forceinline__ void row_stats(float (&l2)[2], float (&dl)[2], int r0, int rows, long long row0,
+                                          const float* lse, const float* delta) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = r0 + r * 8;
+        l2[r] = lse_log2(lse, row0 + i, i < rows);
+        dl[r] = (l2[r] == -neg_inf()) ? 0.f : delta[row0 + i];
+    }
+}
+
 // Query rows per step of the dK/dV kernel: 64 at D = 64; 32 at D = 128, where
 // the dK and dV accumulators alone take 128 registers a lane.
 template <int D>
@@ -1333,13 +1438,8 @@ __device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* _
                                   rows);
         load_tile_async<T, D, BQ>(qs + BQ * ST, d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2],
                                   p.o_st[2], rows);
-        float* rs = row_sh + (t & 1) * 2 * BQ;
         const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
-        for (int r = tid; r < BQ; r += kMmaThreads) {
-            const float l2 = lse_log2(lse, row0 + r, r < rows);
-            rs[r] = l2;
-            rs[BQ + r] = (l2 == -neg_inf()) ? 0.f : delta[row0 + r];
-        }
+        stage_row_stats(row_sh + (t & 1) * 2 * BQ, BQ, rows, row0, lse, delta, kMmaThreads);
     };
 
     load_tile_async<T, D, BKV>(k_sh, k + b * p.k_st[0] + g * p.k_st[1] + (long long)j0 * p.k_st[2], p.k_st[2], nk);
@@ -1373,18 +1473,7 @@ __device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* _
         // diagonal (the block's last key against the step's first row; j0 + BKV
         // <= kv_len keeps the sum below i32::MAX). Rows past q_len have lse2 = +inf.
         const bool need_mask = (j0 + BKV > p.kv_len) || (p.causal && p.k0 + j0 + BKV - 1 > p.q0 + i0);
-#pragma unroll
-        for (int n = 0; n < NQ; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int jl = warp * 16 + grp + (e >> 1) * 8;  // key in the tile
-                const int il = n * 8 + tig * 2 + (e & 1);       // query in the step
-                bool seen = true;
-                if (need_mask) seen = jl < nk && i0 + il < p.q_len && visible(p, i0 + il, j0 + jl);
-                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2s[il]) : 0.f;
-                s[n][e] = pr;
-                ds[n][e] = pr * (ds[n][e] - dls[il]);
-            }
+        dkv_probs(s, ds, warp * 16 + grp, tig, nk, i0, j0, need_mask, l2s, dls, sl2, p);
 
         // dV += P^T dO, dK += dS^T Q over the step's queries, 16 at a time.
 #pragma unroll
@@ -1407,19 +1496,7 @@ __device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* _
     }
 
     const long long kv_row0 = ((long long)b * p.kv_heads + g) * p.kv_len + j0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int jl = warp * 16 + grp + r * 8;
-        if (jl >= nk) continue;
-#pragma unroll
-        for (int n = 0; n < ND; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const long long idx = (kv_row0 + jl) * D + n * 8 + tig * 2 + c;
-                dk[idx] += p.scale * dk_acc[n][2 * r + c];
-                dv[idx] += dv_acc[n][2 * r + c];
-            }
-    }
+    add_dkv(dk_acc, dv_acc, warp * 16 + grp, tig, nk, kv_row0, dk, dv, p.scale);
 }
 
 // dQ on tensor cores. Block: 4 warps, warp w owns query rows 16w..16w+15 of a
@@ -1469,14 +1546,8 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
     const T* vb = v + b * p.v_st[0] + g * p.v_st[1];
     const float sl2 = p.scale * kLog2e;
 
-    // log2(e) lse and delta of rows grp (index 0) and grp + 8 (index 1) of this warp.
     float l2[2], dl[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = warp * 16 + grp + r * 8;
-        l2[r] = lse_log2(lse, row0 + i, i < rows);
-        dl[r] = (l2[r] == -neg_inf()) ? 0.f : delta[row0 + i];
-    }
+    row_stats(l2, dl, warp * 16 + grp, rows, row0, lse, delta);
 
     load_tile_async<T, D, BQ>(q_sh, q + b * p.q_st[0] + h * p.q_st[1] + (long long)i0 * p.q_st[2], p.q_st[2], rows);
     load_tile_async<T, D, BQ>(do_sh, d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2], p.o_st[2],
@@ -1516,18 +1587,7 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
         // causal diagonal of the block's first row. Keys in [kend, j0 + BK) are
         // zero rows, hidden by that mask (kend < kv_len only when causal hides them).
         const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
-#pragma unroll
-        for (int n = 0; n < NK; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int i = warp * 16 + grp + r * 8;
-                const int j = j0 + n * 8 + tig * 2 + (e & 1);
-                bool seen = true;
-                if (need_mask) seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
-                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2[r]) : 0.f;
-                ds[n][e] = pr * (ds[n][e] - dl[r]);
-            }
+        dq_probs(s, ds, warp * 16 + grp, tig, rows, i0, j0, need_mask, l2, dl, sl2, p);
 
         // dQ += dS K over the tile's keys, 16 at a time.
 #pragma unroll
@@ -1545,15 +1605,7 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = warp * 16 + grp + r * 8;
-        if (i >= rows) continue;
-#pragma unroll
-        for (int n = 0; n < ND; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) dq[(row0 + i) * D + n * 8 + tig * 2 + c] += p.scale * acc[n][2 * r + c];
-    }
+    add_dq(acc, warp * 16 + grp, tig, rows, row0, dq, p.scale);
 }
 
 // ---------------------------------------------------------------------------
@@ -1621,13 +1673,8 @@ __device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T*
                                   rows);
         load_tile_sw128<T, D, BQ>(qs + TILE_STEP,
                                   d_o + b * p.o_st[0] + h * p.o_st[1] + (long long)i0 * p.o_st[2], p.o_st[2], rows);
-        float* rs = row_sh + (t & 1) * 2 * BQ;
         const long long row0 = ((long long)b * p.q_heads + h) * p.q_len + i0;
-        for (int r = tid; r < BQ; r += kWgThreads) {
-            const float l2 = lse_log2(lse, row0 + r, r < rows);
-            rs[r] = l2;
-            rs[BQ + r] = (l2 == -neg_inf()) ? 0.f : delta[row0 + r];
-        }
+        stage_row_stats(row_sh + (t & 1) * 2 * BQ, BQ, rows, row0, lse, delta, kWgThreads);
     };
     if (nsteps > 0) {
         load_tile_sw128<T, D, BKV>(k_sh, k + b * p.k_st[0] + g * p.k_st[1] + (long long)j0 * p.k_st[2], p.k_st[2],
@@ -1681,18 +1728,7 @@ __device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T*
         // diagonal (the block's last key against the step's first row; j0 + BKV
         // <= kv_len keeps the sum below i32::MAX). Rows past q_len have lse2 = +inf.
         const bool need_mask = (j0 + BKV > p.kv_len) || (p.causal && p.k0 + j0 + BKV - 1 > p.q0 + i0);
-#pragma unroll
-        for (int n = 0; n < NQ; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int jl = wg * 64 + warp * 16 + grp + (e >> 1) * 8;  // key in the tile
-                const int il = n * 8 + tig * 2 + (e & 1);                  // query in the step
-                bool seen = true;
-                if (need_mask) seen = jl < nk && i0 + il < p.q_len && visible(p, i0 + il, j0 + jl);
-                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2s[il]) : 0.f;
-                s[n][e] = pr;
-                ds[n][e] = pr * (ds[n][e] - dls[il]);
-            }
+        dkv_probs(s, ds, wg * 64 + warp * 16 + grp, tig, nk, i0, j0, need_mask, l2s, dls, sl2, p);
 #pragma unroll
         for (int kt = 0; kt < NQ / 2; ++kt) {
             acc_to_a<T>(pa[kt], s[2 * kt], s[2 * kt + 1]);
@@ -1715,21 +1751,8 @@ __device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T*
         __syncthreads();  // both warpgroups are done with this stage before it is refilled
     }
 
-    if (nsteps == 0) return;
     const long long kv_row0 = ((long long)b * p.kv_heads + g) * p.kv_len + j0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int jl = wg * 64 + warp * 16 + grp + r * 8;
-        if (jl >= nk) continue;
-#pragma unroll
-        for (int n = 0; n < ND; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const long long idx = (kv_row0 + jl) * D + n * 8 + tig * 2 + c;
-                dk[idx] += p.scale * dk_acc[n][2 * r + c];
-                dv[idx] += dv_acc[n][2 * r + c];
-            }
-    }
+    if (nsteps > 0) add_dkv(dk_acc, dv_acc, wg * 64 + warp * 16 + grp, tig, nk, kv_row0, dk, dv, p.scale);
 }
 
 // dQ. Block: 2 warpgroups; warpgroup wg owns query rows 64 wg..64 wg + 63 of
@@ -1773,14 +1796,8 @@ __device__ __forceinline__ void dq_wgmma_impl(const T* __restrict__ q, const T* 
     const float sl2 = p.scale * kLog2e;
     const int r0 = wg * 64 + warp * 16 + grp;  // this lane's first row in the block
 
-    // log2(e) lse and delta of this lane's rows r0 and r0 + 8.
     float l2[2], dl[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = r0 + r * 8;
-        l2[r] = lse_log2(lse, row0 + i, i < rows);
-        dl[r] = (l2[r] == -neg_inf()) ? 0.f : delta[row0 + i];
-    }
+    row_stats(l2, dl, r0, rows, row0, lse, delta);
     auto load_kv = [&](int t) {
         unsigned char* kn = kv_sh + (t & 1) * 2 * TILE_KV;
         const int nk = min(BK, kend - t * BK);
@@ -1834,18 +1851,7 @@ __device__ __forceinline__ void dq_wgmma_impl(const T* __restrict__ q, const T* 
         // Mask as in dq_mma_impl: only tiles that cross the key end or the
         // causal diagonal of the block's first row.
         const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
-#pragma unroll
-        for (int n = 0; n < NK; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int i = r0 + r * 8;
-                const int j = j0 + n * 8 + tig * 2 + (e & 1);
-                bool seen = true;
-                if (need_mask) seen = j < p.kv_len && i < rows && visible(p, i0 + i, j);
-                const float pr = seen ? fast_exp2(s[n][e] * sl2 - l2[r]) : 0.f;
-                ds[n][e] = pr * (ds[n][e] - dl[r]);
-            }
+        dq_probs(s, ds, r0, tig, rows, i0, j0, need_mask, l2, dl, sl2, p);
 #pragma unroll
         for (int kt = 0; kt < NK / 2; ++kt) acc_to_a<T>(dsa[kt], ds[2 * kt], ds[2 * kt + 1]);
 
@@ -1861,16 +1867,7 @@ __device__ __forceinline__ void dq_wgmma_impl(const T* __restrict__ q, const T* 
         __syncthreads();  // both warpgroups are done with this stage before it is refilled
     }
 
-    if (ntiles == 0) return;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = r0 + r * 8;
-        if (i >= rows) continue;
-#pragma unroll
-        for (int n = 0; n < ND; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) dq[(row0 + i) * D + n * 8 + tig * 2 + c] += p.scale * acc[n][2 * r + c];
-    }
+    if (ntiles > 0) add_dq(acc, r0, tig, rows, row0, dq, p.scale);
 }
 #endif
 
