@@ -1368,8 +1368,8 @@ __device__ __forceinline__ void row_stats(float (&l2)[2], float (&dl)[2], int r0
     }
 }
 
-// Query rows per step of the dK/dV kernel: 64 at D = 64; 32 at D = 128, where
-// the dK and dV accumulators alone take 128 registers a lane.
+// Query rows per step of the dK/dV kernels (mma.sync and wgmma): 64 at D = 64;
+// 32 at D = 128, where the dK and dV accumulators alone take 128 registers a lane.
 template <int D>
 struct DkvMma {
     static constexpr int kQRows = D == 64 ? 64 : 32;
@@ -1614,13 +1614,6 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
 // warpgroup MMAs, shared tiles 128-byte swizzled as in forward_wgmma_impl.
 #ifdef BW_HAS_WGMMA
 
-// Query rows per step of the wgmma dK/dV kernel: 64 at D = 64; 32 at D = 128,
-// where dK and dV take 128 accumulator registers a lane.
-template <int D>
-struct DkvWgmma {
-    static constexpr int kQRows = D == 64 ? 64 : 32;
-};
-
 // dK/dV. Block: 2 warpgroups; warpgroup wg owns keys 64 wg..64 wg + 63 of a
 // 128-key tile of one (sequence, kv head); K and V stay in shared memory and
 // the query steps (the group's query heads x kQRows rows from the first row
@@ -1639,7 +1632,7 @@ __device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T*
                                                const float* __restrict__ lse, const float* __restrict__ delta,
                                                float* __restrict__ dk, float* __restrict__ dv, const BwParams& p) {
     static_assert(D == 64 || D == 128, "the wgmma backward covers head_dim 64 and 128");
-    constexpr int BKV = kWgRows, BQ = DkvWgmma<D>::kQRows;
+    constexpr int BKV = kWgRows, BQ = DkvMma<D>::kQRows;
     constexpr int ND = D / 8;   // 8-wide n-tiles over the head dim (dK, dV)
     constexpr int NQ = BQ / 8;  // 8-wide n-tiles over the step's queries (S^T, dP^T)
     constexpr int TILE_KV = BKV * D * 2, TILE_STEP = BQ * D * 2;  // bytes

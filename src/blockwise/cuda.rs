@@ -155,20 +155,11 @@ fn wgmma_forward_smem(head_dim: usize) -> usize {
     1024 + 2 * (WGMMA_ROWS + 2 * 2 * WGMMA_KEYS) * head_dim
 }
 
-/// Query rows per step of the Hopper dK/dV kernel (`DkvWgmma<D>::kQRows`).
-fn wgmma_dkv_q_rows(head_dim: usize) -> usize {
-    if head_dim == 64 {
-        64
-    } else {
-        32
-    }
-}
-
 /// Shared memory of the Hopper dK/dV kernel: 128-key K and V tiles, two
 /// stages of Q and dO steps and of the steps' f32 (lse, delta), 1 KiB of
 /// alignment (mirrors blockwise.cu).
 fn wgmma_dkv_smem(head_dim: usize) -> usize {
-    let bq = wgmma_dkv_q_rows(head_dim);
+    let bq = mma_dkv_q_rows(head_dim);
     1024 + 2 * (2 * WGMMA_ROWS + 2 * 2 * bq) * head_dim + 4 * 2 * 2 * bq
 }
 
@@ -187,7 +178,7 @@ fn mma_forward_smem(head_dim: usize) -> usize {
     2 * (MMA_ROWS + 2 * 2 * MMA_KEYS) * (head_dim + 8)
 }
 
-/// Query rows per step of the tensor-core dK/dV kernel (`DkvMma<D>::kQRows`).
+/// Query rows per step of the tensor-core dK/dV kernels, mma.sync and wgmma (`DkvMma<D>::kQRows`).
 fn mma_dkv_q_rows(head_dim: usize) -> usize {
     if head_dim == 64 {
         64
