@@ -86,24 +86,25 @@ fn dq_smem(head_dim: usize) -> usize {
 const MMA_ROWS: usize = 64;
 const MMA_KEYS: usize = 64;
 
-/// The tensor-core kernels (`bw_<kind>_mma_<dtype>_d<D>`, kind `forward`,
-/// `dkv` or `dq`) exist for f16/bf16 at head_dim 64 or 128 (mirrors
-/// `BW_MMA_FORWARD` and `BW_MMA_BACKWARD`).
-fn mma_kernel_name(kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
+/// The tensor-core kernels, `bw_<kind>_<family>_<dtype>_d<D>` with kind
+/// `forward`, `dkv` or `dq` and family `mma` (mma.sync) or `wgmma` (Hopper):
+/// f16/bf16 at head_dim 64 or 128 (mirrors `BW_MMA_FORWARD`,
+/// `BW_MMA_BACKWARD` and `BW_WGMMA_KERNELS`).
+fn tensor_core_kernel_name(family: &str, kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
     macro_rules! table {
-        ($($k:literal),*) => {
-            match (kind, dtype, head_dim) {
+        ($(($f:literal, $k:literal)),*) => {
+            match (family, kind, dtype, head_dim) {
                 $(
-                    ($k, DType::F16, 64) => Some(concat!("bw_", $k, "_mma_f16_d64")),
-                    ($k, DType::F16, 128) => Some(concat!("bw_", $k, "_mma_f16_d128")),
-                    ($k, DType::Bf16, 64) => Some(concat!("bw_", $k, "_mma_bf16_d64")),
-                    ($k, DType::Bf16, 128) => Some(concat!("bw_", $k, "_mma_bf16_d128")),
+                    ($f, $k, DType::F16, 64) => Some(concat!("bw_", $k, "_", $f, "_f16_d64")),
+                    ($f, $k, DType::F16, 128) => Some(concat!("bw_", $k, "_", $f, "_f16_d128")),
+                    ($f, $k, DType::Bf16, 64) => Some(concat!("bw_", $k, "_", $f, "_bf16_d64")),
+                    ($f, $k, DType::Bf16, 128) => Some(concat!("bw_", $k, "_", $f, "_bf16_d128")),
                 )*
                 _ => None,
             }
         };
     }
-    table!("forward", "dkv", "dq")
+    table!(("mma", "forward"), ("mma", "dkv"), ("mma", "dq"), ("wgmma", "forward"), ("wgmma", "dkv"), ("wgmma", "dq"))
 }
 
 /// Whether every row of each `(base address, strides)` tensor starts on a
@@ -118,7 +119,13 @@ fn rows_16b_aligned(tensors: &[(u64, [usize; 3])]) -> bool {
 /// dimension and the `(base address, strides)` of every 2-byte tensor it
 /// reads; `None` means the f32-FMA kernel.
 fn mma_kernel(kind: &str, dtype: DType, head_dim: usize, tensors: &[(u64, [usize; 3])]) -> Option<&'static str> {
-    mma_kernel_name(kind, dtype, head_dim).filter(|_| rows_16b_aligned(tensors))
+    tensor_core_kernel_name("mma", kind, dtype, head_dim).filter(|_| rows_16b_aligned(tensors))
+}
+
+/// The Hopper kernel of `kind` where the mma.sync one applies and the backend
+/// runs Hopper kernels (their code exists only as sm_90a SASS).
+fn wgmma_kernel(backend: &CudaBackend, kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
+    tensor_core_kernel_name("wgmma", kind, dtype, head_dim).filter(|_| backend.hopper_kernels())
 }
 
 /// Query rows per block, keys per KV tile and threads of the Hopper forward
@@ -126,27 +133,6 @@ fn mma_kernel(kind: &str, dtype: DType, head_dim: usize, tensors: &[(u64, [usize
 const WGMMA_ROWS: usize = 128;
 const WGMMA_KEYS: usize = 128;
 const WGMMA_THREADS: u32 = 256;
-
-/// The Hopper (wgmma) kernels, `bw_<kind>_wgmma_<dtype>_d<D>` (kind
-/// `forward`, `dkv` or `dq`): f16/bf16 at head_dim 64 or 128 (mirrors
-/// `BW_WGMMA_KERNELS`). Their code exists only as sm_90a SASS, so they run
-/// where [`CudaBackend::hopper_kernels`] says.
-fn wgmma_kernel_name(kind: &str, dtype: DType, head_dim: usize) -> Option<&'static str> {
-    macro_rules! table {
-        ($($k:literal),*) => {
-            match (kind, dtype, head_dim) {
-                $(
-                    ($k, DType::F16, 64) => Some(concat!("bw_", $k, "_wgmma_f16_d64")),
-                    ($k, DType::F16, 128) => Some(concat!("bw_", $k, "_wgmma_f16_d128")),
-                    ($k, DType::Bf16, 64) => Some(concat!("bw_", $k, "_wgmma_bf16_d64")),
-                    ($k, DType::Bf16, 128) => Some(concat!("bw_", $k, "_wgmma_bf16_d128")),
-                )*
-                _ => None,
-            }
-        };
-    }
-    table!("forward", "dkv", "dq")
-}
 
 /// Shared memory of the Hopper forward: the Q tile and two stages of K and V
 /// tiles of `head_dim` 2-byte columns, plus 1 KiB to align them to the
@@ -327,8 +313,7 @@ pub fn forward<T: Element>(
     // Tensor cores where they apply (wgmma on Hopper, else mma.sync), else f32 FMA.
     let l = &params.layout;
     let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
-    let wgmma =
-        mma.and_then(|_| wgmma_kernel_name("forward", T::DTYPE, s.head_dim)).filter(|_| backend.hopper_kernels());
+    let wgmma = mma.and_then(|_| wgmma_kernel(backend, "forward", T::DTYPE, s.head_dim));
     let (name, smem, rows_per_block, threads) = match (wgmma, mma) {
         (Some(name), _) => (name, wgmma_forward_smem(s.head_dim), WGMMA_ROWS, WGMMA_THREADS),
         (None, Some(name)) => (name, mma_forward_smem(s.head_dim), MMA_ROWS, THREADS),
@@ -548,8 +533,8 @@ pub fn backward<T: Element>(
     let rows_2b = [(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v), (do_ptr, l.o)];
     let d = s.head_dim;
     let mma = mma_kernel("dkv", T::DTYPE, d, &rows_2b).zip(mma_kernel("dq", T::DTYPE, d, &rows_2b));
-    let wgmma = (wgmma_kernel_name("dkv", T::DTYPE, d).zip(wgmma_kernel_name("dq", T::DTYPE, d)))
-        .filter(|_| mma.is_some() && backend.hopper_kernels());
+    let wgmma =
+        mma.and_then(|_| wgmma_kernel(backend, "dkv", T::DTYPE, d).zip(wgmma_kernel(backend, "dq", T::DTYPE, d)));
     let ((dkv_name, dkv_bytes, bkv), (dq_name, dq_bytes, bq), threads) = match (wgmma, mma) {
         (Some((dkv, dq)), _) => {
             ((dkv, wgmma_dkv_smem(d), WGMMA_ROWS), (dq, wgmma_dq_smem(d), WGMMA_ROWS), WGMMA_THREADS)
