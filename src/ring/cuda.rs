@@ -6,10 +6,19 @@
 //! that block into slot `(t + 1) % 2` of rank `r + 1`, so the copy overlaps
 //! the compute. Events order the two streams of neighbouring ranks:
 //! - `sent[s]` (recorded on the sender's copy stream): the block landed in the
-//!   next rank's slot `s`; the next rank's compute stream waits on it.
+//!   next rank's slot `s`; the next rank's compute stream waits on it. It
+//!   also marks the sender's own send of the slot it held as read: the
+//!   previous rank's copy stream waits on it before overwriting that slot.
 //! - `computed[t % 2]` (recorded on the rank's compute stream after step `t`):
 //!   the previous rank's copy stream waits on it before overwriting the slot
 //!   read at step `t`, and before sending dK/dV accumulated at step `t`.
+//!
+//! A slot is read twice at step `t`, by the compute stream and by the copy
+//! stream forwarding it, so overwriting it waits on both. Every copy stream
+//! also starts after its own rank's uploads and after the next rank's (which
+//! initialise the slots it writes). These orders hold without cudarc's
+//! automatic event tracking (whose one read event per buffer keeps only the
+//! last of two readers on different streams).
 //!
 //! The backward sends K and V at the start of a step (overlapped) and dK/dV
 //! once the step's launches have accumulated into them; after the last step
@@ -253,6 +262,11 @@ impl<T: Element> CudaRing<T> {
             let event = || ctx.new_event(None).map_err(err);
             ranks.push(CudaRank { bufs, copy, sent: [event()?, event()?], computed: [event()?, event()?] });
         }
+        // Nor may it write the next rank's receive slots before that rank's compute stream initialised them.
+        for r in 0..ranks.len() {
+            let next = (r + 1) % ranks.len();
+            ranks[r].copy.join(&ranks[next].bufs.compute).map_err(err)?;
+        }
         Ok(CudaRing { p: *p, ranks })
     }
 
@@ -270,6 +284,8 @@ impl<T: Element> CudaRing<T> {
             if t > 0 {
                 copy.wait(&self.ranks[prev].sent[t % 2]).map_err(err)?;
                 copy.wait(&self.ranks[next].computed[(t - 1) % 2]).map_err(err)?;
+                // The next rank's copy stream also read that slot at step t - 1, forwarding it.
+                copy.wait(&self.ranks[next].sent[t % 2]).map_err(err)?;
             }
             let (a, b) = two_mut(&mut self.ranks, r, next);
             let (k, v) = a.bufs.held_kv(t);
@@ -346,6 +362,8 @@ impl<T: Element> CudaRing<T> {
                 copy.wait(&self.ranks[r].computed[t % 2]).map_err(err)?;
                 if t > 0 && next != r {
                     copy.wait(&self.ranks[next].computed[(t - 1) % 2]).map_err(err)?;
+                    // ... and its copy stream's send of that slot at step t - 1.
+                    copy.wait(&self.ranks[next].sent[t % 2]).map_err(err)?;
                 }
                 let (from, to) = (t % 2, (t + 1) % 2);
                 if next == r {
