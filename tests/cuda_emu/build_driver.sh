@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the emulated CUDA driver (driver.cpp): OUT/libcuda.so, whose kernels
-# are kernels-cuda/*.cu compiled as host C++. Usage:
+# are kernels-cuda/*.cu compiled as host C++, and checks it (selftest.cpp). Usage:
 #   tests/cuda_emu/build_driver.sh CUDA_INCLUDE_DIR OUT_DIR
 # then run the CUDA tests with LD_LIBRARY_PATH=OUT_DIR (cudarc loads libcuda.so).
 set -euo pipefail
@@ -18,3 +18,10 @@ for tu in static extern; do
 done
 "$cxx" "${flags[@]}" -shared "$here/driver.cpp" "$here/kernels_static.cpp" "$here/kernels_extern.cpp" -o "$out/libcuda.so"
 wc -l "$out"/kernels_*.inc | tail -n 1
+# The driver's own rules (streams, events, launch limits), at both schedules and compute capabilities.
+"$cxx" "${flags[@]}" "$here/selftest.cpp" -L"$out" -lcuda -Wl,-rpath,"$out" -o "$out/selftest"
+for schedule in lazy eager; do
+  for cc in 80 90; do
+    FRUGAL_EMU_SCHEDULE=$schedule FRUGAL_EMU_CC=$cc "$out/selftest"
+  done
+done
