@@ -110,6 +110,19 @@ fn bad_input(b: &Backend) {
 
 backend_tests!(every_rank_count_layout_and_mask, gqa_batches_and_dtypes, bad_input);
 
+/// The CUDA ring with cudarc's event tracking off: only the ring's own events
+/// order each rank's compute and copy streams and its neighbours', so a
+/// missing wait fails here on the emulated driver (scripts/cuda_emu_tests.sh).
+mod own_events {
+    #[test]
+    fn cuda() {
+        if let Some(b) = crate::common::cuda_untracked("own_events") {
+            super::every_rank_count_layout_and_mask(&b);
+            super::gqa_batches_and_dtypes(&b);
+        }
+    }
+}
+
 #[test]
 fn a_layout_that_cannot_split_the_sequence_is_a_named_error() {
     let err = |n, s, l| RingPlan::new(n, s, l, true).unwrap_err();
