@@ -110,6 +110,24 @@ fn bad_input(b: &Backend) {
 
 backend_tests!(every_rank_count_layout_and_mask, gqa_batches_and_dtypes, bad_input);
 
+/// A ring dropped with its work in flight (an engine returning early): one
+/// rank's copy stream still writes the next rank's buffers, so the drop waits
+/// for it before they are freed.
+fn dropped_in_flight(b: &Backend) {
+    let Backend::Cuda(c) = b else { return };
+    let plan = RingPlan::new(4, seq_for(RingLayout::Zigzag, 4), RingLayout::Zigzag, true).unwrap();
+    let p = RingParams::new(1, 2, 1, 16, plan);
+    let x = RingInputs::random(&p, DType::F32, &mut Rng::new(7));
+    let shards = |d: &frugal_attn::host::HostData, heads: usize| {
+        plan.shard(&frugal_attn::host::bytes_to_vec::<f32>(d.as_bytes()), p.batch * heads, p.head_dim).unwrap()
+    };
+    let (q, k, v, d_o) = (shards(&x.q, 2), shards(&x.k, 1), shards(&x.v, 1), shards(&x.d_o, 2));
+    let mut ring = frugal_attn::ring::cuda::CudaRing::new(std::slice::from_ref(c), &p, &q, &k, &v, &d_o).unwrap();
+    ring.forward().unwrap();
+    ring.backward().unwrap();
+    drop(ring);
+}
+
 /// The CUDA ring with cudarc's event tracking off: only the ring's own events
 /// order each rank's compute and copy streams and its neighbours', so a
 /// missing wait fails here on the emulated driver (scripts/cuda_emu_tests.sh).
@@ -119,6 +137,7 @@ mod own_events {
         if let Some(b) = crate::common::cuda_untracked("own_events") {
             super::every_rank_count_layout_and_mask(&b);
             super::gqa_batches_and_dtypes(&b);
+            super::dropped_in_flight(&b);
         }
     }
 }

@@ -428,6 +428,14 @@ impl<T: Element> CudaRing<T> {
     }
 }
 
+impl<T: Element> Drop for CudaRing<T> {
+    /// A rank's buffers are freed on its compute stream, but the previous
+    /// rank's copy stream writes them: work still in flight finishes first.
+    fn drop(&mut self) {
+        let _ = self.synchronize();
+    }
+}
+
 /// Mutable references to two different ranks.
 fn two_mut<X>(v: &mut [X], a: usize, b: usize) -> (&mut X, &mut X) {
     debug_assert_ne!(a, b);
