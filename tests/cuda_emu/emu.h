@@ -12,9 +12,11 @@
 //
 // What it checks: indexing, masking, fragment layouts as the PTX ISA defines
 // them, the cp.async group discipline (copies land only at the wait that
-// covers them), barrier placement that would deadlock. What it cannot: timing,
-// races between threads that happen to be ordered here, exact rounding of
-// the tensor-core accumulation order, resource limits.
+// covers them), barrier placement that would deadlock, and (run once with
+// FRUGAL_EMU_ORDER=reverse) shared-memory races that the thread order
+// decides. What it cannot: timing, races that need threads to interleave
+// between two barriers, exact rounding of the tensor-core accumulation
+// order, registers and occupancy (the driver checks the shared-memory limit).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -104,9 +106,10 @@ struct Ctx {
 inline Ctx ctx;
 
 // Every CUDA thread of a block is a fiber (ucontext) on one host thread;
-// the scheduler resumes, round robin, each fiber whose barrier has released,
-// so runs are deterministic and a barrier that some threads never reach is
-// reported instead of hanging.
+// the scheduler resumes, round robin, each fiber whose barrier has released
+// (in thread order, or reversed: see reverse_order), so runs are
+// deterministic and a barrier that some threads never reach is reported
+// instead of hanging. A fiber runs until its next barrier or warp collective.
 struct Fiber {
     ucontext_t uc;
     std::unique_ptr<char[]> stack;
@@ -144,6 +147,21 @@ inline void fiber_entry() {
 
 inline Dim grid_dim, block_dim;
 
+// FRUGAL_EMU_ORDER=reverse resumes the fibers of a block in reverse thread
+// order each round (the default: thread 0 first), so a thread that reads
+// shared memory another thread wrote without a barrier between them sees a
+// different value in one of the two orders.
+inline bool reverse_order() {
+    static const bool reverse = [] {
+        const char* o = std::getenv("FRUGAL_EMU_ORDER");
+        if (!o || !*o || std::strcmp(o, "forward") == 0) return false;
+        if (std::strcmp(o, "reverse") == 0) return true;
+        std::fprintf(stderr, "cuda emulator: FRUGAL_EMU_ORDER=%s: expected forward or reverse\n", o);
+        std::abort();
+    }();
+    return reverse;
+}
+
 // Runs every block of the grid in order, its threads as fibers. `smem` (the
 // file's `extern __shared__` buffer, if any) is poisoned with 0xff bytes
 // (NaN) before each block.
@@ -179,7 +197,8 @@ void launch(Dim grid, Dim block, unsigned char* smem, size_t smem_bytes, K kerne
                 }
                 for (int left = n; left > 0;) {
                     bool progress = false;
-                    for (auto& f : fibers) {
+                    for (int i = 0; i < n; ++i) {
+                        Fiber& f = fibers[reverse_order() ? n - 1 - i : i];
                         if (f.done || (f.wait_gen && *f.wait_gen == f.wait_val)) continue;
                         f.wait_gen = nullptr;
                         ctx = f.ctx;
