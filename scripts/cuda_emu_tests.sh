@@ -8,9 +8,10 @@
 # The emulator's settings (tests/cuda_emu/driver.cpp, emu.h) come from the
 # environment: FRUGAL_EMU_SCHEDULE=lazy|eager (streams deferred and
 # adversarially ordered, the default, or run at issue), FRUGAL_EMU_CC=80|86|89|90
-# (compute capability, default 90), FRUGAL_EMU_ORDER=forward|reverse (the
-# order threads of a block run in between barriers), FRUGAL_EMU_TRACE=1|2
-# (print every kernel / every queued operation as it runs).
+# (compute capability, default 90), FRUGAL_EMU_ORDER=forward|reverse|warps|
+# warps-reverse (the order a block's threads run in between barriers: see
+# emu.h), FRUGAL_EMU_TRACE=1|2 (print every kernel / every queued operation as
+# it runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cuda_dir="${FRUGAL_CUDA_PIP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/frugal-attn/cuda-13.0}"
