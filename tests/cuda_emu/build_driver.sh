@@ -30,7 +30,18 @@ wc -l "$out"/kernels_*.inc | tail -n 1
 "$cxx" "${flags[@]}" "$here/selftest.cpp" -L"$out" -lcuda -Wl,-rpath,"$out" -o "$out/selftest.new"
 for schedule in lazy eager; do
   for cc in 80 90; do
-    FRUGAL_EMU_SCHEDULE=$schedule FRUGAL_EMU_CC=$cc "$out/selftest.new"
+    FRUGAL_EMU_SCHEDULE=$schedule FRUGAL_EMU_CC=$cc FRUGAL_EMU_RACES=off "$out/selftest.new"
   done
 done
+# And the race check: an unordered write and read must abort, naming the race.
+if race="$("$out/selftest.new" race 2>&1)"; then
+  echo "$race" >&2
+  echo "cuda emulator selftest: FAILED: an unordered write and read went unreported" >&2
+  exit 1
+elif ! grep -q "the next operation races" <<<"$race" || ! grep -q "cuda emulator: race: stream" <<<"$race"; then
+  echo "$race" >&2
+  echo "cuda emulator selftest: FAILED: the race check did not name the race" >&2
+  exit 1
+fi
+echo "cuda emulator selftest: ok (race check)"
 mv "$out/selftest.new" "$out/selftest"  # last: a failed check rebuilds next time

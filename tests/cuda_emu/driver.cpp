@@ -18,11 +18,21 @@
 // cuStreamWaitEvent on the last record of the event issued before it, the
 // legacy default stream's ordering against blocking streams. Among the
 // streams whose next operation may run, the one issued last runs first, so a
-// missing wait lets the consumer run before its producer (or a producer
-// overwrite data before its reader ran). Kernel arguments are copied and
-// host-to-device sources staged at issue, as CUDA does. Event records take
-// the host time when they execute. FRUGAL_EMU_SCHEDULE=eager runs every
-// operation when it is issued instead.
+// missing wait lets the consumer run before its producer. Kernel arguments
+// are copied and host-to-device sources staged at issue, as CUDA does. Event
+// records take the host time when they execute. FRUGAL_EMU_SCHEDULE=eager runs
+// every operation when it is issued instead.
+//
+// Races, whatever order the work then runs in: every operation carries a
+// vector clock of what is ordered before it (its stream, the records it
+// waits on, the legacy stream, what the host had seen complete when it issued
+// it), and every access to device memory (copies, memsets, frees,
+// stream-ordered allocations, and a kernel's pointer arguments, each taken to
+// reach the end of its allocation, written unless `const`) is checked against
+// the earlier accesses of other streams: two that overlap, one a write, with
+// neither ordered before the other, abort with both named. A kernel's
+// accesses through pointers inside its parameter structs are not seen.
+// FRUGAL_EMU_RACES=off turns the check off.
 //
 // Launch limits as on the hardware: a launch with more dynamic shared memory
 // than the function's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KiB
@@ -36,6 +46,7 @@
 
 #include "emu_registry.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -65,6 +76,7 @@ constexpr unsigned kDefaultSmem = 48u << 10;
 
 struct Config {
     bool eager = false;
+    bool races = true;  // check every access for races (FRUGAL_EMU_RACES=off: do not)
     int trace = 0;
     int cc = 90;
     unsigned smem_optin = 232448;  // bytes of dynamic shared memory per block, opted in
@@ -81,6 +93,10 @@ const Config& config() {
             else if (std::strcmp(s, "lazy") != 0) c.error = std::string("FRUGAL_EMU_SCHEDULE=") + s + ": expected lazy or eager";
         }
         if (const char* s = std::getenv("FRUGAL_EMU_TRACE"); s && *s) c.trace = std::atoi(s) > 1 ? 2 : 1;
+        if (const char* s = std::getenv("FRUGAL_EMU_RACES"); s && *s) {
+            if (std::strcmp(s, "off") == 0) c.races = false;
+            else if (std::strcmp(s, "on") != 0) c.error = std::string("FRUGAL_EMU_RACES=") + s + ": expected on or off";
+        }
         if (const char* s = std::getenv("FRUGAL_EMU_CC"); s && *s) {
             c.cc = std::atoi(s);
             switch (c.cc) {
@@ -101,6 +117,15 @@ const Config& config() {
 
 struct Stream;
 
+// A vector clock over streams (indexed by Stream::slot): entry i is the
+// number of stream i's operations ordered before.
+using VectorClock = std::vector<uint64_t>;
+void join(VectorClock& a, const VectorClock& b) {
+    if (a.size() < b.size()) a.resize(b.size());
+    for (size_t i = 0; i < b.size(); ++i) a[i] = std::max(a[i], b[i]);
+}
+uint64_t at(const VectorClock& v, unsigned i) { return i < v.size() ? v[i] : 0; }
+
 // One queued operation. It runs once every dependency has run and it is at
 // the head of its stream's queue.
 struct Op {
@@ -110,10 +135,13 @@ struct Op {
     std::vector<std::shared_ptr<Op>> deps;
     std::function<void()> run;  // empty for event records' and waits' bookkeeping
     const char* kind = "";
+    VectorClock clock;  // what the operation is ordered after (happens-before), itself included
 };
 
 struct Stream {
-    unsigned id = 0;
+    unsigned id = 0;    // for messages
+    unsigned slot = 0;  // its entry in vector clocks
+    uint64_t epoch = 0; // operations issued so far
     bool blocking = true;  // synchronizes with the legacy default stream
     std::deque<std::shared_ptr<Op>> queue;
     std::shared_ptr<Op> last;  // the last operation issued
@@ -135,15 +163,36 @@ struct Module {
     std::map<std::string, std::unique_ptr<Function>> functions;
 };
 
+// One access of an operation to device memory, for the race check.
+struct Access {
+    unsigned slot, stream_id;
+    uint64_t epoch, seq;
+    uintptr_t lo, hi;
+    bool write;
+    const char* kind;
+};
+struct Alloc {
+    size_t bytes;
+    bool freed = false;  // a free is queued
+    std::vector<Access> accesses;  // not yet known to the host to be complete
+};
+// What an operation reads or writes: [p, p + n).
+struct Touch {
+    uintptr_t p;
+    size_t n;
+    bool write;
+};
+
 // The whole driver state, behind one lock: the emulator's kernels (shared
 // memory, fibers) run one at a time anyway.
 struct Driver {
     std::mutex m;
     uint64_t seq = 0;
-    unsigned next_stream_id = 1;
-    Stream legacy;  // the NULL stream
+    unsigned next_stream_id = 1, next_slot = 1;
+    Stream legacy;  // the NULL stream, slot 0
     std::vector<Stream*> streams{&legacy};
-    std::map<uintptr_t, size_t> allocs;  // live device allocations: address -> bytes
+    VectorClock host;  // what the host has seen complete
+    std::map<uintptr_t, Alloc> allocs;  // live device allocations by address
     std::deque<std::pair<void*, size_t>> quarantine;  // freed blocks, held back from reuse for a while
     size_t quarantined = 0;
 };
@@ -163,6 +212,7 @@ Stream* resolve(Driver& d, CUstream s) {
         if (!per_thread_stream) {
             per_thread_stream = new Stream;  // lives as long as the process
             per_thread_stream->id = d.next_stream_id++;
+            per_thread_stream->slot = d.next_slot++;
             d.streams.push_back(per_thread_stream);
         }
         return per_thread_stream;
@@ -219,34 +269,92 @@ void drain(Driver& d, const std::vector<std::shared_ptr<Op>>& targets, bool all)
         }
         if (!pick) {
             if (pending) fail("queued work waits on work that can never run (internal error)");
-            return;
+            break;
         }
         std::shared_ptr<Op> op = std::move(pick->queue.front());
         pick->queue.pop_front();
         execute(*op);
     }
+    // The host has seen these complete, and so everything ordered before them.
+    if (all) {
+        for (Stream* s : d.streams)
+            if (s->last) join(d.host, s->last->clock);
+    } else {
+        for (const auto& t : targets)
+            if (t) join(d.host, t->clock);
+    }
 }
 
 void drain_all(Driver& d) { drain(d, {}, true); }
 
-// Queues `run` on `s` after `deps`; in eager mode runs it (and anything before it) now.
+std::map<uintptr_t, Alloc>::iterator find_alloc(Driver& d, uintptr_t p);
+
+// The race check: an access conflicts with an earlier one of another stream
+// to overlapping bytes, one of them a write, unless the earlier one is ordered
+// before it (same stream, stream waits on event records, the legacy stream,
+// or the host having seen it complete before issuing this one). Independent
+// of the order in which the work then runs.
+void check_races(Driver& d, const Op& op, const std::vector<Touch>& touches) {
+    if (!config().races) return;
+    for (const Touch& t : touches) {
+        if (t.n == 0) continue;
+        auto it = find_alloc(d, t.p);
+        if (it == d.allocs.end()) continue;  // not device memory: copies were checked, kernels may pass anything
+        Alloc& a = it->second;
+        const uintptr_t lo = t.p, hi = t.p + std::min<size_t>(t.n, it->first + a.bytes - t.p);
+        char msg[512];
+        if (a.freed) {
+            std::snprintf(msg, sizeof msg, "use after free: stream %u %s (#%llu) %s %zu bytes at offset %zu of an allocation whose free was already issued",
+                          op.stream->id, op.kind, (unsigned long long)op.seq, t.write ? "writes" : "reads", size_t(hi - lo),
+                          size_t(lo - it->first));
+            fail(msg);
+        }
+        std::erase_if(a.accesses, [&](const Access& x) { return x.epoch <= at(d.host, x.slot); });
+        for (const Access& x : a.accesses) {
+            if (x.slot == op.stream->slot || !(t.write || x.write) || x.hi <= lo || hi <= x.lo) continue;
+            if (at(op.clock, x.slot) >= x.epoch) continue;  // ordered after it
+            std::snprintf(msg, sizeof msg,
+                          "race: stream %u %s (#%llu) %s bytes [%zu, %zu) of a %zu-byte allocation that stream %u %s (#%llu) %s "
+                          "[%zu, %zu), and no event, stream wait or host synchronization orders the two",
+                          op.stream->id, op.kind, (unsigned long long)op.seq, t.write ? "writes" : "reads", size_t(lo - it->first),
+                          size_t(hi - it->first), a.bytes, x.stream_id, x.kind, (unsigned long long)x.seq,
+                          x.write ? "writes" : "reads", size_t(x.lo - it->first), size_t(x.hi - it->first));
+            fail(msg);
+        }
+        // A later access of the same stream to the same bytes orders everything the earlier one would.
+        std::erase_if(a.accesses, [&](const Access& x) {
+            return x.slot == op.stream->slot && x.lo == lo && x.hi == hi && (t.write || !x.write);
+        });
+        a.accesses.push_back(Access{op.stream->slot, op.stream->id, at(op.clock, op.stream->slot), op.seq, lo, hi, t.write, op.kind});
+    }
+}
+
+// Queues `run` on `s` after `deps`, reading and writing `touches` (checked for
+// races); in eager mode runs it (and anything before it) now.
 std::shared_ptr<Op> enqueue(Driver& d, Stream* s, const char* kind, std::function<void()> run,
-                            std::vector<std::shared_ptr<Op>> deps = {}) {
+                            std::vector<std::shared_ptr<Op>> deps = {}, const std::vector<Touch>& touches = {}) {
     auto op = std::make_shared<Op>();
     op->seq = ++d.seq;
     op->stream = s;
     op->kind = kind;
     op->run = std::move(run);
-    for (auto& dep : deps)
-        if (!finished(dep)) op->deps.push_back(std::move(dep));
     // The legacy default stream waits for all earlier work of the blocking
     // streams, and their later work waits for it.
     if (s == &d.legacy) {
         for (Stream* o : d.streams)
-            if (o != s && o->blocking && !finished(o->last)) op->deps.push_back(o->last);
-    } else if (s->blocking && !finished(d.legacy.last)) {
-        op->deps.push_back(d.legacy.last);
+            if (o != s && o->blocking && o->last) deps.push_back(o->last);
+    } else if (s->blocking && d.legacy.last) {
+        deps.push_back(d.legacy.last);
     }
+    op->clock = d.host;
+    if (s->last) join(op->clock, s->last->clock);
+    for (const auto& dep : deps)
+        if (dep) join(op->clock, dep->clock);
+    if (op->clock.size() <= s->slot) op->clock.resize(s->slot + 1);
+    op->clock[s->slot] = ++s->epoch;
+    for (auto& dep : deps)
+        if (!finished(dep)) op->deps.push_back(std::move(dep));
+    check_races(d, *op, touches);
     s->queue.push_back(op);
     s->last = op;
     if (config().eager) drain(d, {op}, false);
@@ -255,12 +363,20 @@ std::shared_ptr<Op> enqueue(Driver& d, Stream* s, const char* kind, std::functio
 
 // ---- device memory -----------------------------------------------------------
 
+// The live allocation holding address p (its end excluded), or end().
+std::map<uintptr_t, Alloc>::iterator find_alloc(Driver& d, uintptr_t p) {
+    auto it = d.allocs.upper_bound(p);
+    if (it == d.allocs.begin()) return d.allocs.end();
+    --it;
+    return p - it->first < it->second.bytes ? it : d.allocs.end();
+}
+
 // True when [p, p + n) lies inside one live allocation.
 bool is_device(const Driver& d, CUdeviceptr p, size_t n) {
     auto it = d.allocs.upper_bound(static_cast<uintptr_t>(p));
     if (it == d.allocs.begin()) return false;
     --it;
-    return p >= it->first && p - it->first <= it->second && n <= it->second - (p - it->first);
+    return p >= it->first && p - it->first <= it->second.bytes && n <= it->second.bytes - (p - it->first);
 }
 
 // Checked again when a queued copy runs: the memory may have been freed since it was issued.
@@ -277,9 +393,10 @@ void release(Driver& d, CUdeviceptr p) {
     auto it = d.allocs.find(static_cast<uintptr_t>(p));
     if (it == d.allocs.end()) fail("cuMemFree of an address that is not a live allocation");
     void* m = reinterpret_cast<void*>(p);
-    std::memset(m, 0xff, it->second);
-    d.quarantine.emplace_back(m, it->second);
-    d.quarantined += it->second;
+    const size_t bytes = it->second.bytes;
+    std::memset(m, 0xff, bytes);
+    d.quarantine.emplace_back(m, bytes);
+    d.quarantined += bytes;
     d.allocs.erase(it);
     // Freed blocks are not reused at once, so a late reader sees the poison rather than a new owner's data.
     while (d.quarantined > (size_t(256) << 20)) {
@@ -291,21 +408,27 @@ void release(Driver& d, CUdeviceptr p) {
 
 CUresult copy_async(Driver& d, Stream* s, CUdeviceptr dst, CUdeviceptr src, size_t n, const char* kind) {
     if (!is_device(d, dst, n) || !is_device(d, src, n)) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(d, s, kind, [&d, dst, src, n, kind] {
-        require_device(d, src, n, kind);
-        require_device(d, dst, n, kind);
-        std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
-    });
+    enqueue(
+        d, s, kind,
+        [&d, dst, src, n, kind] {
+            require_device(d, src, n, kind);
+            require_device(d, dst, n, kind);
+            std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+        },
+        {}, {{src, n, false}, {dst, n, true}});
     return CUDA_SUCCESS;
 }
 
 CUresult copy_to_host(Driver& d, Stream* s, void* dst, CUdeviceptr src, size_t n) {
     if (!is_device(d, src, n)) return CUDA_ERROR_INVALID_VALUE;
     // A copy to pageable host memory returns once it has completed.
-    auto op = enqueue(d, s, "memcpy DtoH", [&d, dst, src, n] {
-        require_device(d, src, n, "memcpy DtoH");
-        std::memcpy(dst, reinterpret_cast<const void*>(src), n);
-    });
+    auto op = enqueue(
+        d, s, "memcpy DtoH",
+        [&d, dst, src, n] {
+            require_device(d, src, n, "memcpy DtoH");
+            std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+        },
+        {}, {{src, n, false}});
     drain(d, {op}, false);
     return CUDA_SUCCESS;
 }
@@ -315,21 +438,27 @@ CUresult copy_from_host(Driver& d, Stream* s, CUdeviceptr dst, const void* src, 
     // Staged at issue, as CUDA does with pageable memory before returning.
     auto bytes = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                               static_cast<const unsigned char*>(src) + n);
-    enqueue(d, s, "memcpy HtoD", [&d, dst, bytes] {
-        require_device(d, dst, bytes->size(), "memcpy HtoD");
-        std::memcpy(reinterpret_cast<void*>(dst), bytes->data(), bytes->size());
-    });
+    enqueue(
+        d, s, "memcpy HtoD",
+        [&d, dst, bytes] {
+            require_device(d, dst, bytes->size(), "memcpy HtoD");
+            std::memcpy(reinterpret_cast<void*>(dst), bytes->data(), bytes->size());
+        },
+        {}, {{dst, n, true}});
     return CUDA_SUCCESS;
 }
 
 template <typename T>
 CUresult memset_async(Driver& d, Stream* s, CUdeviceptr p, T v, size_t count) {
     if (!is_device(d, p, count * sizeof(T))) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(d, s, "memset", [&d, p, v, count] {
-        require_device(d, p, count * sizeof(T), "memset");
-        auto* x = reinterpret_cast<T*>(p);
-        for (size_t i = 0; i < count; ++i) x[i] = v;
-    });
+    enqueue(
+        d, s, "memset",
+        [&d, p, v, count] {
+            require_device(d, p, count * sizeof(T), "memset");
+            auto* x = reinterpret_cast<T*>(p);
+            for (size_t i = 0; i < count; ++i) x[i] = v;
+        },
+        {}, {{p, count * sizeof(T), true}});
     return CUDA_SUCCESS;
 }
 
@@ -449,6 +578,7 @@ CUresult cuStreamCreate(CUstream* s, unsigned flags) {
     std::lock_guard<std::mutex> lock(d.m);
     auto* st = new Stream;
     st->id = d.next_stream_id++;
+    st->slot = d.next_slot++;
     st->blocking = (flags & CU_STREAM_NON_BLOCKING) == 0;
     d.streams.push_back(st);
     *s = reinterpret_cast<CUstream>(st);
@@ -539,25 +669,36 @@ CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(m, 0xff, bytes);
     std::lock_guard<std::mutex> lock(d.m);
-    d.allocs[reinterpret_cast<uintptr_t>(m)] = bytes;
+    d.allocs[reinterpret_cast<uintptr_t>(m)] = Alloc{bytes, false, {}};
     *p = reinterpret_cast<CUdeviceptr>(m);
     return CUDA_SUCCESS;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc(p, bytes); }
+// Stream-ordered: another stream may use the memory once ordered after the allocation.
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    if (CUresult r = cuMemAlloc(p, bytes); r != CUDA_SUCCESS) return r;
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    enqueue(d, resolve(d, s), "allocation", nullptr, {}, {{*p, bytes, true}});
+    return CUDA_SUCCESS;
+}
 // cuMemFree synchronizes the device first.
 CUresult cuMemFree(CUdeviceptr p) {
     Driver& d = drv();
     std::lock_guard<std::mutex> lock(d.m);
     drain_all(d);
-    if (!d.allocs.count(static_cast<uintptr_t>(p))) return CUDA_ERROR_INVALID_VALUE;
+    auto it = d.allocs.find(static_cast<uintptr_t>(p));
+    if (it == d.allocs.end() || it->second.freed) return CUDA_ERROR_INVALID_VALUE;
     release(d, p);
     return CUDA_SUCCESS;
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     Driver& d = drv();
     std::lock_guard<std::mutex> lock(d.m);
-    if (!d.allocs.count(static_cast<uintptr_t>(p))) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(d, resolve(d, s), "free", [&d, p] { release(d, p); });
+    auto it = d.allocs.find(static_cast<uintptr_t>(p));
+    if (it == d.allocs.end() || it->second.freed) return CUDA_ERROR_INVALID_VALUE;
+    // Every use on another stream must be ordered before the free.
+    enqueue(d, resolve(d, s), "free", [&d, p] { release(d, p); }, {}, {{p, it->second.bytes, true}});
+    it->second.freed = true;
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) {
@@ -716,14 +857,23 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     if (smem > unsigned(fn->max_dynamic_smem)) return CUDA_ERROR_INVALID_VALUE;
     if (smem > 0 && !k->extern_smem)
         fail("a launch with dynamic shared memory of a kernel that declares none (kernels_static.cpp)");
-    frugal_emu::Launch run = k->prepare(*k, emu::Dim{gx, gy, gz}, emu::Dim{bx, by, bz}, smem, params);
+    frugal_emu::Prepared prepared = k->prepare(*k, emu::Dim{gx, gy, gz}, emu::Dim{bx, by, bz}, smem, params);
+    // A pointer argument may reach anything from it to the end of its allocation.
+    std::vector<Touch> touches;
+    for (const auto& a : prepared.pointers) {
+        auto it = find_alloc(d, a.address);
+        if (it != d.allocs.end()) touches.push_back({a.address, it->first + it->second.bytes - a.address, a.write});
+    }
     Stream* st = resolve(d, s);
-    enqueue(d, st, k->name, [run = std::move(run), k, st, gx, gy, gz, bx, by, bz, smem] {
-        if (config().trace)
-            std::fprintf(stderr, "cuda emulator: stream %u: %s grid (%u, %u, %u) block (%u, %u, %u) smem %u\n", st->id,
-                         k->name, gx, gy, gz, bx, by, bz, smem);
-        run();
-    });
+    enqueue(
+        d, st, k->name,
+        [run = std::move(prepared.run), k, st, gx, gy, gz, bx, by, bz, smem] {
+            if (config().trace)
+                std::fprintf(stderr, "cuda emulator: stream %u: %s grid (%u, %u, %u) block (%u, %u, %u) smem %u\n", st->id,
+                             k->name, gx, gy, gz, bx, by, bz, smem);
+            run();
+        },
+        {}, touches);
     return CUDA_SUCCESS;
 }
 

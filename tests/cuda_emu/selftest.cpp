@@ -32,7 +32,37 @@ float first_float(CUdeviceptr p) {
 
 }  // namespace
 
-int main() {
+// `selftest race`: issues a write and a read of the same bytes on two streams
+// with nothing ordering them; the driver must abort naming the race.
+int race() {
+    OK(cuInit(0));
+    CUdevice dev;
+    OK(cuDeviceGet(&dev, 0));
+    CUstream a, b;
+    OK(cuStreamCreate(&a, CU_STREAM_NON_BLOCKING));
+    OK(cuStreamCreate(&b, CU_STREAM_NON_BLOCKING));
+    CUdeviceptr x, y;
+    OK(cuMemAlloc(&x, 64));
+    OK(cuMemAlloc(&y, 64));
+    // Ordered: a's write, an event, b waits on it, then reads.
+    CUevent e;
+    OK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+    OK(cuMemsetD8Async(x, 0, 64, a));
+    OK(cuEventRecord(e, a));
+    OK(cuStreamWaitEvent(b, e, 0));
+    OK(cuMemcpyDtoDAsync(y, x, 64, b));
+    // Ordered by the host: it saw b complete before issuing a's write.
+    OK(cuStreamSynchronize(b));
+    OK(cuMemsetD8Async(x, 1, 32, a));
+    // Disjoint bytes do not race.
+    OK(cuMemcpyDtoDAsync(y, x + 32, 16, b));
+    std::fprintf(stderr, "cuda emulator selftest: the next operation races:\n");
+    cuMemcpyDtoDAsync(y, x, 64, b);  // reads a's writes, unordered: aborts
+    return failures ? 1 : 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1 && std::strcmp(argv[1], "race") == 0) return race();
     const char* schedule = std::getenv("FRUGAL_EMU_SCHEDULE");
     const bool eager = schedule && std::strcmp(schedule, "eager") == 0;
     const char* cc_env = std::getenv("FRUGAL_EMU_CC");
