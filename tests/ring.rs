@@ -110,10 +110,12 @@ fn bad_input(b: &Backend) {
 
 backend_tests!(every_rank_count_layout_and_mask, gqa_batches_and_dtypes, bad_input);
 
-/// A ring dropped with its work in flight (an engine returning early): one
-/// rank's copy stream still writes the next rank's buffers, so the drop waits
-/// for it before they are freed.
-fn dropped_in_flight(b: &Backend) {
+/// The CUDA ring called back to back without waiting, read in either order,
+/// and dropped with its work in flight (an engine returning early): each
+/// call's sends wait for the previous call's reads, the gradients wait for
+/// their last hop home, the drop for the copies into buffers it frees. The
+/// results equal one call's on a fresh ring.
+fn back_to_back(b: &Backend) {
     let Backend::Cuda(c) = b else { return };
     let plan = RingPlan::new(4, seq_for(RingLayout::Zigzag, 4), RingLayout::Zigzag, true).unwrap();
     let p = RingParams::new(1, 2, 1, 16, plan);
@@ -122,10 +124,22 @@ fn dropped_in_flight(b: &Backend) {
         plan.shard(&frugal_attn::host::bytes_to_vec::<f32>(d.as_bytes()), p.batch * heads, p.head_dim).unwrap()
     };
     let (q, k, v, d_o) = (shards(&x.q, 2), shards(&x.k, 1), shards(&x.v, 1), shards(&x.d_o, 2));
-    let mut ring = frugal_attn::ring::cuda::CudaRing::new(std::slice::from_ref(c), &p, &q, &k, &v, &d_o).unwrap();
-    ring.forward().unwrap();
-    ring.backward().unwrap();
-    drop(ring);
+    let ring = || frugal_attn::ring::cuda::CudaRing::new(std::slice::from_ref(c), &p, &q, &k, &v, &d_o).unwrap();
+    let mut once = ring();
+    once.forward().unwrap();
+    once.backward().unwrap();
+    let (want_grads, (want_out, want_states)) = (once.read_grads().unwrap(), once.read_forward().unwrap());
+    let mut twice = ring();
+    for _ in 0..2 {
+        twice.forward().unwrap();
+        twice.backward().unwrap();
+    }
+    assert!(twice.read_grads().unwrap() == want_grads, "gradients of the second call");
+    let (out, states) = twice.read_forward().unwrap();
+    assert!(out == want_out && states == want_states, "output of the second call");
+    twice.forward().unwrap();
+    twice.backward().unwrap();
+    drop(twice);
 }
 
 /// The CUDA ring with cudarc's event tracking off: only the ring's own events
@@ -137,7 +151,7 @@ mod own_events {
         if let Some(b) = crate::common::cuda_untracked("own_events") {
             super::every_rank_count_layout_and_mask(&b);
             super::gqa_batches_and_dtypes(&b);
-            super::dropped_in_flight(&b);
+            super::back_to_back(&b);
         }
     }
 }

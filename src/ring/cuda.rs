@@ -14,11 +14,13 @@
 //!   read at step `t`, and before sending dK/dV accumulated at step `t`.
 //!
 //! A slot is read twice at step `t`, by the compute stream and by the copy
-//! stream forwarding it, so overwriting it waits on both. Every copy stream
-//! also starts after its own rank's uploads and after the next rank's (which
-//! initialise the slots it writes). These orders hold without cudarc's
-//! automatic event tracking (whose one read event per buffer keeps only the
-//! last of two readers on different streams).
+//! stream forwarding it, so overwriting it waits on both. Each forward and
+//! backward call first orders every copy stream after all the work issued on
+//! the next rank's streams (the previous call's reads of the slots, or the
+//! uploads that initialised them), so calls may follow each other without
+//! waiting. These orders hold without cudarc's automatic event tracking
+//! (whose one read event per buffer keeps only the last of two readers on
+//! different streams).
 //!
 //! The backward sends K and V at the start of a step (overlapped) and dK/dV
 //! once the step's launches have accumulated into them; after the last step
@@ -262,11 +264,6 @@ impl<T: Element> CudaRing<T> {
             let event = || ctx.new_event(None).map_err(err);
             ranks.push(CudaRank { bufs, copy, sent: [event()?, event()?], computed: [event()?, event()?] });
         }
-        // Nor may it write the next rank's receive slots before that rank's compute stream initialised them.
-        for r in 0..ranks.len() {
-            let next = (r + 1) % ranks.len();
-            ranks[r].copy.join(&ranks[next].bufs.compute).map_err(err)?;
-        }
         Ok(CudaRing { p: *p, ranks })
     }
 
@@ -309,9 +306,25 @@ impl<T: Element> CudaRing<T> {
         rank.computed[t % 2].record(&rank.bufs.compute).map_err(err)
     }
 
+    /// Orders every copy stream after everything issued so far on the next
+    /// rank's streams: the receive slots it writes are free again (the
+    /// previous call's reads, or the uploads that initialised them, are done).
+    fn after_previous_reads(&self) -> Result<()> {
+        let n = self.ranks.len();
+        for rank in &self.ranks {
+            rank.bufs.compute.join(&rank.copy).map_err(err)?;
+        }
+        for r in 0..n {
+            let next = (r + 1) % n;
+            self.ranks[r].copy.join(&self.ranks[next].bufs.compute).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Records the ring forward on the ranks' streams (returns without waiting).
     pub fn forward(&mut self) -> Result<()> {
         let (n, p) = (self.p.plan.ranks, self.p);
+        self.after_previous_reads()?;
         for t in 0..n {
             if t + 1 < n {
                 self.send_kv(t)?;
