@@ -110,6 +110,52 @@ fn bad_input(b: &Backend) {
 
 backend_tests!(every_rank_count_layout_and_mask, gqa_batches_and_dtypes, bad_input);
 
+/// The CUDA ring called back to back without waiting, read in either order,
+/// and dropped with its work in flight (an engine returning early): each
+/// call's sends wait for the previous call's reads, the gradients wait for
+/// their last hop home, the drop for the copies into buffers it frees. The
+/// results equal one call's on a fresh ring.
+fn back_to_back(b: &Backend) {
+    let Backend::Cuda(c) = b else { return };
+    let plan = RingPlan::new(4, seq_for(RingLayout::Zigzag, 4), RingLayout::Zigzag, true).unwrap();
+    let p = RingParams::new(1, 2, 1, 16, plan);
+    let x = RingInputs::random(&p, DType::F32, &mut Rng::new(7));
+    let shards = |d: &frugal_attn::host::HostData, heads: usize| {
+        plan.shard(&frugal_attn::host::bytes_to_vec::<f32>(d.as_bytes()), p.batch * heads, p.head_dim).unwrap()
+    };
+    let (q, k, v, d_o) = (shards(&x.q, 2), shards(&x.k, 1), shards(&x.v, 1), shards(&x.d_o, 2));
+    let ring = || frugal_attn::ring::cuda::CudaRing::new(std::slice::from_ref(c), &p, &q, &k, &v, &d_o).unwrap();
+    let mut once = ring();
+    once.forward().unwrap();
+    once.backward().unwrap();
+    let (want_grads, (want_out, want_states)) = (once.read_grads().unwrap(), once.read_forward().unwrap());
+    let mut twice = ring();
+    for _ in 0..2 {
+        twice.forward().unwrap();
+        twice.backward().unwrap();
+    }
+    assert!(twice.read_grads().unwrap() == want_grads, "gradients of the second call");
+    let (out, states) = twice.read_forward().unwrap();
+    assert!(out == want_out && states == want_states, "output of the second call");
+    twice.forward().unwrap();
+    twice.backward().unwrap();
+    drop(twice);
+}
+
+/// The CUDA ring with cudarc's event tracking off: only the ring's own events
+/// order each rank's compute and copy streams and its neighbours', so a
+/// missing wait fails here on the emulated driver (scripts/cuda_emu_tests.sh).
+mod own_events {
+    #[test]
+    fn cuda() {
+        if let Some(b) = crate::common::cuda_untracked("own_events") {
+            super::every_rank_count_layout_and_mask(&b);
+            super::gqa_batches_and_dtypes(&b);
+            super::back_to_back(&b);
+        }
+    }
+}
+
 #[test]
 fn a_layout_that_cannot_split_the_sequence_is_a_named_error() {
     let err = |n, s, l| RingPlan::new(n, s, l, true).unwrap_err();

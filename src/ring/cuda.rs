@@ -6,10 +6,21 @@
 //! that block into slot `(t + 1) % 2` of rank `r + 1`, so the copy overlaps
 //! the compute. Events order the two streams of neighbouring ranks:
 //! - `sent[s]` (recorded on the sender's copy stream): the block landed in the
-//!   next rank's slot `s`; the next rank's compute stream waits on it.
+//!   next rank's slot `s`; the next rank's compute stream waits on it. It
+//!   also marks the sender's own send of the slot it held as read: the
+//!   previous rank's copy stream waits on it before overwriting that slot.
 //! - `computed[t % 2]` (recorded on the rank's compute stream after step `t`):
 //!   the previous rank's copy stream waits on it before overwriting the slot
 //!   read at step `t`, and before sending dK/dV accumulated at step `t`.
+//!
+//! A slot is read twice at step `t`, by the compute stream and by the copy
+//! stream forwarding it, so overwriting it waits on both. Each forward and
+//! backward call first orders every copy stream after all the work issued on
+//! the next rank's streams (the previous call's reads of the slots, or the
+//! uploads that initialised them), so calls may follow each other without
+//! waiting. These orders hold without cudarc's automatic event tracking
+//! (whose one read event per buffer keeps only the last of two readers on
+//! different streams).
 //!
 //! The backward sends K and V at the start of a step (overlapped) and dK/dV
 //! once the step's launches have accumulated into them; after the last step
@@ -270,6 +281,8 @@ impl<T: Element> CudaRing<T> {
             if t > 0 {
                 copy.wait(&self.ranks[prev].sent[t % 2]).map_err(err)?;
                 copy.wait(&self.ranks[next].computed[(t - 1) % 2]).map_err(err)?;
+                // The next rank's copy stream also read that slot at step t - 1, forwarding it.
+                copy.wait(&self.ranks[next].sent[t % 2]).map_err(err)?;
             }
             let (a, b) = two_mut(&mut self.ranks, r, next);
             let (k, v) = a.bufs.held_kv(t);
@@ -293,9 +306,25 @@ impl<T: Element> CudaRing<T> {
         rank.computed[t % 2].record(&rank.bufs.compute).map_err(err)
     }
 
+    /// Orders every copy stream after everything issued so far on the next
+    /// rank's streams: the receive slots it writes are free again (the
+    /// previous call's reads, or the uploads that initialised them, are done).
+    fn after_previous_reads(&self) -> Result<()> {
+        let n = self.ranks.len();
+        for rank in &self.ranks {
+            rank.bufs.compute.join(&rank.copy).map_err(err)?;
+        }
+        for r in 0..n {
+            let next = (r + 1) % n;
+            self.ranks[r].copy.join(&self.ranks[next].bufs.compute).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// Records the ring forward on the ranks' streams (returns without waiting).
     pub fn forward(&mut self) -> Result<()> {
         let (n, p) = (self.p.plan.ranks, self.p);
+        self.after_previous_reads()?;
         for t in 0..n {
             if t + 1 < n {
                 self.send_kv(t)?;
@@ -346,6 +375,8 @@ impl<T: Element> CudaRing<T> {
                 copy.wait(&self.ranks[r].computed[t % 2]).map_err(err)?;
                 if t > 0 && next != r {
                     copy.wait(&self.ranks[next].computed[(t - 1) % 2]).map_err(err)?;
+                    // ... and its copy stream's send of that slot at step t - 1.
+                    copy.wait(&self.ranks[next].sent[t % 2]).map_err(err)?;
                 }
                 let (from, to) = (t % 2, (t + 1) % 2);
                 if next == r {
@@ -407,6 +438,14 @@ impl<T: Element> CudaRing<T> {
             rank.bufs.compute.synchronize().map_err(err)?;
         }
         Ok(())
+    }
+}
+
+impl<T: Element> Drop for CudaRing<T> {
+    /// A rank's buffers are freed on its compute stream, but the previous
+    /// rank's copy stream writes them: work still in flight finishes first.
+    fn drop(&mut self) {
+        let _ = self.synchronize();
     }
 }
 

@@ -31,6 +31,25 @@ pub fn backend(kind: BackendKind, test: &str) -> Option<Backend> {
     }
 }
 
+/// A CUDA backend on a context of its own with cudarc's automatic event
+/// tracking off (cudarc otherwise records and waits on an event around every
+/// buffer a launch or copy touches), so only the crate's own events and waits
+/// order its streams, as for an engine that manages its streams itself. On
+/// the emulated driver, which defers each stream's work and runs the
+/// last-issued ready work first, a missing wait then fails the test. `None`
+/// means skip, as for [`backend`].
+pub fn cuda_untracked(test: &str) -> Option<Backend> {
+    let Backend::Cuda(shared) = backend(BackendKind::Cuda, test)? else {
+        unreachable!("the cuda backend is a Backend::Cuda")
+    };
+    let ctx = cudarc::driver::CudaContext::new(shared.context().ordinal()).expect("a second CUDA context object");
+    // SAFETY: off before any stream or buffer of this context exists; the code
+    // under test orders its streams with its own events.
+    unsafe { ctx.disable_event_tracking() };
+    let b = backend::CudaBackend::from_context(ctx).expect("the kernels load into the new context");
+    Some(Backend::Cuda(std::sync::Arc::new(b)))
+}
+
 /// `backend_tests!(f, g)` makes modules `f` and `g`, each with tests `cpu`,
 /// `wgpu` and `cuda` calling `f(&backend)` / `g(&backend)`.
 #[macro_export]

@@ -5,32 +5,462 @@
 // parameter structs, argument order, grids, workspaces, streams and events
 // are exercised end to end. Built by tests/cuda_emu/build_driver.sh.
 //
-// Device memory is host memory (a CUdeviceptr is the host address); work runs
-// synchronously when it is issued, which is one valid order of any stream
-// schedule; events record host time. FRUGAL_EMU_TRACE=1 prints each launch. The device reports itself by name as an
-// emulator, and its timings mean nothing.
+// Device memory is host memory (a CUdeviceptr is the host address), poisoned
+// with 0xff bytes (NaN) when allocated and when freed; copies and memsets are
+// checked against the live allocations.
+//
+// Streams are deferred and adversarially ordered (FRUGAL_EMU_SCHEDULE=lazy,
+// the default): kernel launches, async copies, memsets, frees, event records
+// and stream waits queue on their stream and run only when the host must
+// observe them (a stream, event or context synchronize or query, a copy to
+// the host, a synchronous free, a stream destroy, a module unload). Draining
+// honours only what CUDA guarantees: FIFO within a stream, a
+// cuStreamWaitEvent on the last record of the event issued before it, the
+// legacy default stream's ordering against blocking streams. Among the
+// streams whose next operation may run, the one issued last runs first, so a
+// missing wait lets the consumer run before its producer. Kernel arguments
+// are copied and host-to-device sources staged at issue, as CUDA does. Event
+// records take the host time when they execute. FRUGAL_EMU_SCHEDULE=eager runs
+// every operation when it is issued instead.
+//
+// Races, whatever order the work then runs in: every operation carries a
+// vector clock of what is ordered before it (its stream, the records it
+// waits on, the legacy stream, what the host had seen complete when it issued
+// it), and every access to device memory (copies, memsets, frees,
+// stream-ordered allocations, and a kernel's pointer arguments, each taken to
+// reach the end of its allocation, written unless `const`) is checked against
+// the earlier accesses of other streams: two that overlap, one a write, with
+// neither ordered before the other, abort with both named. A kernel's
+// accesses through pointers inside its parameter structs are not seen.
+// FRUGAL_EMU_RACES=off turns the check off.
+//
+// Launch limits as on the hardware: a launch with more dynamic shared memory
+// than the function's CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KiB
+// unless raised, up to the device's opt-in maximum) fails with
+// CUDA_ERROR_INVALID_VALUE. FRUGAL_EMU_CC (80, 86, 89 or 90; default 90) sets
+// the compute capability reported and that maximum.
+//
+// FRUGAL_EMU_TRACE=1 prints each kernel as it runs, =2 every operation. The
+// device reports itself by name as an emulator, and its timings mean nothing.
 #include <cuda.h>
 
 #include "emu_registry.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace {
 
-struct Event {
-    std::chrono::steady_clock::time_point t{};
+using Clock = std::chrono::steady_clock;
+const char* const kName = "frugal-attn CUDA emulator (CPU)";
+constexpr unsigned kDefaultSmem = 48u << 10;
+
+[[noreturn]] void fail(const char* what) {
+    std::fprintf(stderr, "cuda emulator: %s\n", what);
+    std::abort();
+}
+
+// ---- configuration (environment) -------------------------------------------
+
+struct Config {
+    bool eager = false;
+    bool races = true;  // check every access for races (FRUGAL_EMU_RACES=off: do not)
+    int trace = 0;
+    int cc = 90;
+    unsigned smem_optin = 232448;  // bytes of dynamic shared memory per block, opted in
+    unsigned smem_per_sm = 233472;
+    int threads_per_sm = 2048;
+    std::string error;  // a bad setting: cuInit fails and says why
 };
 
-int fake_stream, fake_module, fake_context, fake_pool;
+const Config& config() {
+    static const Config c = [] {
+        Config c;
+        if (const char* s = std::getenv("FRUGAL_EMU_SCHEDULE"); s && *s) {
+            if (std::strcmp(s, "eager") == 0) c.eager = true;
+            else if (std::strcmp(s, "lazy") != 0) c.error = std::string("FRUGAL_EMU_SCHEDULE=") + s + ": expected lazy or eager";
+        }
+        if (const char* s = std::getenv("FRUGAL_EMU_TRACE"); s && *s) c.trace = std::atoi(s) > 1 ? 2 : 1;
+        if (const char* s = std::getenv("FRUGAL_EMU_RACES"); s && *s) {
+            if (std::strcmp(s, "off") == 0) c.races = false;
+            else if (std::strcmp(s, "on") != 0) c.error = std::string("FRUGAL_EMU_RACES=") + s + ": expected on or off";
+        }
+        if (const char* s = std::getenv("FRUGAL_EMU_CC"); s && *s) {
+            c.cc = std::atoi(s);
+            switch (c.cc) {
+                case 80: c.smem_optin = 166912, c.smem_per_sm = 167936; break;
+                case 86:
+                case 89: c.smem_optin = 101376, c.smem_per_sm = 102400, c.threads_per_sm = 1536; break;
+                case 90: break;
+                default: c.error = std::string("FRUGAL_EMU_CC=") + s + ": expected 80, 86, 89 or 90";
+            }
+        }
+        if (!c.error.empty()) std::fprintf(stderr, "cuda emulator: %s\n", c.error.c_str());
+        return c;
+    }();
+    return c;
+}
+
+// ---- streams, events, queued operations ------------------------------------
+
+struct Stream;
+
+// A vector clock over streams (indexed by Stream::slot): entry i is the
+// number of stream i's operations ordered before.
+using VectorClock = std::vector<uint64_t>;
+void join(VectorClock& a, const VectorClock& b) {
+    if (a.size() < b.size()) a.resize(b.size());
+    for (size_t i = 0; i < b.size(); ++i) a[i] = std::max(a[i], b[i]);
+}
+uint64_t at(const VectorClock& v, unsigned i) { return i < v.size() ? v[i] : 0; }
+
+// One queued operation. It runs once every dependency has run and it is at
+// the head of its stream's queue.
+struct Op {
+    uint64_t seq = 0;  // issue order, from 1
+    Stream* stream = nullptr;
+    bool done = false;
+    std::vector<std::shared_ptr<Op>> deps;
+    std::function<void()> run;  // empty for event records' and waits' bookkeeping
+    const char* kind = "";
+    VectorClock clock;  // what the operation is ordered after (happens-before), itself included
+};
+
+struct Stream {
+    unsigned id = 0;    // for messages
+    unsigned slot = 0;  // its entry in vector clocks
+    uint64_t epoch = 0; // operations issued so far
+    bool blocking = true;  // synchronizes with the legacy default stream
+    std::deque<std::shared_ptr<Op>> queue;
+    std::shared_ptr<Op> last;  // the last operation issued
+};
+
+struct Event {
+    bool timing = true;
+    std::shared_ptr<Op> last;  // the last record issued (null: never recorded)
+    Clock::time_point t{};
+};
+using EventHandle = std::shared_ptr<Event>;  // a CUevent points to one; queued records share the Event
+
+struct Function {
+    const frugal_emu::Kernel* kernel;
+    int max_dynamic_smem = kDefaultSmem;
+    int carveout = -1;
+};
+struct Module {
+    std::map<std::string, std::unique_ptr<Function>> functions;
+};
+
+// One access of an operation to device memory, for the race check.
+struct Access {
+    unsigned slot, stream_id;
+    uint64_t epoch, seq;
+    uintptr_t lo, hi;
+    bool write;
+    const char* kind;
+};
+struct Alloc {
+    size_t bytes;
+    bool freed = false;  // a free is queued
+    std::vector<Access> accesses;  // not yet known to the host to be complete
+};
+// What an operation reads or writes: [p, p + n).
+struct Touch {
+    uintptr_t p;
+    size_t n;
+    bool write;
+};
+
+// The whole driver state, behind one lock: the emulator's kernels (shared
+// memory, fibers) run one at a time anyway.
+struct Driver {
+    std::mutex m;
+    uint64_t seq = 0;
+    unsigned next_stream_id = 1, next_slot = 1;
+    Stream legacy;  // the NULL stream, slot 0
+    std::vector<Stream*> streams{&legacy};
+    VectorClock host;  // what the host has seen complete
+    std::map<uintptr_t, Alloc> allocs;  // live device allocations by address
+    std::deque<std::pair<void*, size_t>> quarantine;  // freed blocks, held back from reuse for a while
+    size_t quarantined = 0;
+};
+
+Driver& drv() {
+    static Driver* d = new Driver;  // never destroyed: cudarc may call in during exit
+    return *d;
+}
+
 thread_local CUcontext current_ctx = nullptr;
-const char* const kName = "frugal-attn CUDA emulator (CPU)";
-// One launch at a time: the emulator's state (shared memory, fibers) is global.
-std::mutex launch_mutex;
+thread_local Stream* per_thread_stream = nullptr;
+int fake_context, fake_pool;
+
+Stream* resolve(Driver& d, CUstream s) {
+    if (s == nullptr || s == CU_STREAM_LEGACY) return &d.legacy;
+    if (s == CU_STREAM_PER_THREAD) {
+        if (!per_thread_stream) {
+            per_thread_stream = new Stream;  // lives as long as the process
+            per_thread_stream->id = d.next_stream_id++;
+            per_thread_stream->slot = d.next_slot++;
+            d.streams.push_back(per_thread_stream);
+        }
+        return per_thread_stream;
+    }
+    return reinterpret_cast<Stream*>(s);
+}
+
+bool finished(const std::shared_ptr<Op>& op) { return !op || op->done; }
+
+void execute(Op& op) {
+    if (config().trace > 1) std::fprintf(stderr, "cuda emulator: stream %u: %s (#%llu)\n", op.stream->id, op.kind, (unsigned long long)op.seq);
+    if (op.run) op.run();
+    op.run = nullptr;  // drops captured buffers
+    op.done = true;
+}
+
+// Runs queued work until every operation of `targets` has run (`all`: until
+// every stream is empty), and nothing more than they need: only the prefixes
+// of streams they depend on. Among the streams whose head may run, the head
+// issued last runs first.
+void drain(Driver& d, const std::vector<std::shared_ptr<Op>>& targets, bool all) {
+    std::unordered_map<Stream*, uint64_t> need;  // run stream s up to sequence number need[s]
+    if (all) {
+        for (Stream* s : d.streams) need[s] = UINT64_MAX;
+    } else {
+        std::vector<Op*> work;
+        for (const auto& t : targets)
+            if (!finished(t)) work.push_back(t.get());
+        while (!work.empty()) {
+            Op* t = work.back();
+            work.pop_back();
+            uint64_t& n = need[t->stream];
+            if (t->seq <= n) continue;
+            const uint64_t old = n;
+            n = t->seq;
+            for (const auto& op : t->stream->queue) {
+                if (op->seq <= old) continue;
+                if (op->seq > n) break;
+                for (const auto& dep : op->deps)
+                    if (!dep->done) work.push_back(dep.get());
+            }
+        }
+    }
+    for (;;) {
+        Stream* pick = nullptr;
+        bool pending = false;
+        for (const auto& [s, n] : need) {
+            if (s->queue.empty() || s->queue.front()->seq > n) continue;
+            pending = true;
+            const Op& head = *s->queue.front();
+            bool ready = true;
+            for (const auto& dep : head.deps) ready = ready && dep->done;
+            if (ready && (!pick || head.seq > pick->queue.front()->seq)) pick = s;
+        }
+        if (!pick) {
+            if (pending) fail("queued work waits on work that can never run (internal error)");
+            break;
+        }
+        std::shared_ptr<Op> op = std::move(pick->queue.front());
+        pick->queue.pop_front();
+        execute(*op);
+    }
+    // The host has seen these complete, and so everything ordered before them.
+    if (all) {
+        for (Stream* s : d.streams)
+            if (s->last) join(d.host, s->last->clock);
+    } else {
+        for (const auto& t : targets)
+            if (t) join(d.host, t->clock);
+    }
+}
+
+void drain_all(Driver& d) { drain(d, {}, true); }
+
+std::map<uintptr_t, Alloc>::iterator find_alloc(Driver& d, uintptr_t p);
+
+// The race check: an access conflicts with an earlier one of another stream
+// to overlapping bytes, one of them a write, unless the earlier one is ordered
+// before it (same stream, stream waits on event records, the legacy stream,
+// or the host having seen it complete before issuing this one). Independent
+// of the order in which the work then runs.
+void check_races(Driver& d, const Op& op, const std::vector<Touch>& touches) {
+    if (!config().races) return;
+    for (const Touch& t : touches) {
+        if (t.n == 0) continue;
+        auto it = find_alloc(d, t.p);
+        if (it == d.allocs.end()) continue;  // not device memory: copies were checked, kernels may pass anything
+        Alloc& a = it->second;
+        const uintptr_t lo = t.p, hi = t.p + std::min<size_t>(t.n, it->first + a.bytes - t.p);
+        char msg[512];
+        if (a.freed) {
+            std::snprintf(msg, sizeof msg, "use after free: stream %u %s (#%llu) %s %zu bytes at offset %zu of an allocation whose free was already issued",
+                          op.stream->id, op.kind, (unsigned long long)op.seq, t.write ? "writes" : "reads", size_t(hi - lo),
+                          size_t(lo - it->first));
+            fail(msg);
+        }
+        std::erase_if(a.accesses, [&](const Access& x) { return x.epoch <= at(d.host, x.slot); });
+        for (const Access& x : a.accesses) {
+            if (x.slot == op.stream->slot || !(t.write || x.write) || x.hi <= lo || hi <= x.lo) continue;
+            if (at(op.clock, x.slot) >= x.epoch) continue;  // ordered after it
+            std::snprintf(msg, sizeof msg,
+                          "race: stream %u %s (#%llu) %s bytes [%zu, %zu) of a %zu-byte allocation that stream %u %s (#%llu) %s "
+                          "[%zu, %zu), and no event, stream wait or host synchronization orders the two",
+                          op.stream->id, op.kind, (unsigned long long)op.seq, t.write ? "writes" : "reads", size_t(lo - it->first),
+                          size_t(hi - it->first), a.bytes, x.stream_id, x.kind, (unsigned long long)x.seq,
+                          x.write ? "writes" : "reads", size_t(x.lo - it->first), size_t(x.hi - it->first));
+            fail(msg);
+        }
+        // A later access of the same stream to the same bytes orders everything the earlier one would.
+        std::erase_if(a.accesses, [&](const Access& x) {
+            return x.slot == op.stream->slot && x.lo == lo && x.hi == hi && (t.write || !x.write);
+        });
+        a.accesses.push_back(Access{op.stream->slot, op.stream->id, at(op.clock, op.stream->slot), op.seq, lo, hi, t.write, op.kind});
+    }
+}
+
+// Queues `run` on `s` after `deps`, reading and writing `touches` (checked for
+// races); in eager mode runs it (and anything before it) now.
+std::shared_ptr<Op> enqueue(Driver& d, Stream* s, const char* kind, std::function<void()> run,
+                            std::vector<std::shared_ptr<Op>> deps = {}, const std::vector<Touch>& touches = {}) {
+    auto op = std::make_shared<Op>();
+    op->seq = ++d.seq;
+    op->stream = s;
+    op->kind = kind;
+    op->run = std::move(run);
+    // The legacy default stream waits for all earlier work of the blocking
+    // streams, and their later work waits for it.
+    if (s == &d.legacy) {
+        for (Stream* o : d.streams)
+            if (o != s && o->blocking && o->last) deps.push_back(o->last);
+    } else if (s->blocking && d.legacy.last) {
+        deps.push_back(d.legacy.last);
+    }
+    op->clock = d.host;
+    if (s->last) join(op->clock, s->last->clock);
+    for (const auto& dep : deps)
+        if (dep) join(op->clock, dep->clock);
+    if (op->clock.size() <= s->slot) op->clock.resize(s->slot + 1);
+    op->clock[s->slot] = ++s->epoch;
+    for (auto& dep : deps)
+        if (!finished(dep)) op->deps.push_back(std::move(dep));
+    check_races(d, *op, touches);
+    s->queue.push_back(op);
+    s->last = op;
+    if (config().eager) drain(d, {op}, false);
+    return op;
+}
+
+// ---- device memory -----------------------------------------------------------
+
+// The live allocation holding address p (its end excluded), or end().
+std::map<uintptr_t, Alloc>::iterator find_alloc(Driver& d, uintptr_t p) {
+    auto it = d.allocs.upper_bound(p);
+    if (it == d.allocs.begin()) return d.allocs.end();
+    --it;
+    return p - it->first < it->second.bytes ? it : d.allocs.end();
+}
+
+// True when [p, p + n) lies inside one live allocation.
+bool is_device(const Driver& d, CUdeviceptr p, size_t n) {
+    auto it = d.allocs.upper_bound(static_cast<uintptr_t>(p));
+    if (it == d.allocs.begin()) return false;
+    --it;
+    return p >= it->first && p - it->first <= it->second.bytes && n <= it->second.bytes - (p - it->first);
+}
+
+// Checked again when a queued copy runs: the memory may have been freed since it was issued.
+void require_device(const Driver& d, CUdeviceptr p, size_t n, const char* what) {
+    if (!is_device(d, p, n)) {
+        char msg[160];
+        std::snprintf(msg, sizeof msg, "%s of %zu bytes at %#llx: not inside a live allocation when it ran (freed?)", what, n,
+                      (unsigned long long)p);
+        fail(msg);
+    }
+}
+
+void release(Driver& d, CUdeviceptr p) {
+    auto it = d.allocs.find(static_cast<uintptr_t>(p));
+    if (it == d.allocs.end()) fail("cuMemFree of an address that is not a live allocation");
+    void* m = reinterpret_cast<void*>(p);
+    const size_t bytes = it->second.bytes;
+    std::memset(m, 0xff, bytes);
+    d.quarantine.emplace_back(m, bytes);
+    d.quarantined += bytes;
+    d.allocs.erase(it);
+    // Freed blocks are not reused at once, so a late reader sees the poison rather than a new owner's data.
+    while (d.quarantined > (size_t(256) << 20)) {
+        std::free(d.quarantine.front().first);
+        d.quarantined -= d.quarantine.front().second;
+        d.quarantine.pop_front();
+    }
+}
+
+CUresult copy_async(Driver& d, Stream* s, CUdeviceptr dst, CUdeviceptr src, size_t n, const char* kind) {
+    if (!is_device(d, dst, n) || !is_device(d, src, n)) return CUDA_ERROR_INVALID_VALUE;
+    enqueue(
+        d, s, kind,
+        [&d, dst, src, n, kind] {
+            require_device(d, src, n, kind);
+            require_device(d, dst, n, kind);
+            std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+        },
+        {}, {{src, n, false}, {dst, n, true}});
+    return CUDA_SUCCESS;
+}
+
+CUresult copy_to_host(Driver& d, Stream* s, void* dst, CUdeviceptr src, size_t n) {
+    if (!is_device(d, src, n)) return CUDA_ERROR_INVALID_VALUE;
+    // A copy to pageable host memory returns once it has completed.
+    auto op = enqueue(
+        d, s, "memcpy DtoH",
+        [&d, dst, src, n] {
+            require_device(d, src, n, "memcpy DtoH");
+            std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+        },
+        {}, {{src, n, false}});
+    drain(d, {op}, false);
+    return CUDA_SUCCESS;
+}
+
+CUresult copy_from_host(Driver& d, Stream* s, CUdeviceptr dst, const void* src, size_t n) {
+    if (!is_device(d, dst, n)) return CUDA_ERROR_INVALID_VALUE;
+    // Staged at issue, as CUDA does with pageable memory before returning.
+    auto bytes = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
+                                                              static_cast<const unsigned char*>(src) + n);
+    enqueue(
+        d, s, "memcpy HtoD",
+        [&d, dst, bytes] {
+            require_device(d, dst, bytes->size(), "memcpy HtoD");
+            std::memcpy(reinterpret_cast<void*>(dst), bytes->data(), bytes->size());
+        },
+        {}, {{dst, n, true}});
+    return CUDA_SUCCESS;
+}
+
+template <typename T>
+CUresult memset_async(Driver& d, Stream* s, CUdeviceptr p, T v, size_t count) {
+    if (!is_device(d, p, count * sizeof(T))) return CUDA_ERROR_INVALID_VALUE;
+    enqueue(
+        d, s, "memset",
+        [&d, p, v, count] {
+            require_device(d, p, count * sizeof(T), "memset");
+            auto* x = reinterpret_cast<T*>(p);
+            for (size_t i = 0; i < count; ++i) x[i] = v;
+        },
+        {}, {{p, count * sizeof(T), true}});
+    return CUDA_SUCCESS;
+}
 
 const frugal_emu::Kernel* find(const char* name) {
     for (const auto* table : {frugal_emu::table_static_shared(), frugal_emu::table_extern_shared()})
@@ -43,7 +473,7 @@ const frugal_emu::Kernel* find(const char* name) {
 
 extern "C" {
 
-CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+CUresult cuInit(unsigned) { return config().error.empty() ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED; }
 CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return CUDA_SUCCESS;
@@ -74,17 +504,28 @@ CUresult cuDeviceGetUuid(CUuuid* u, CUdevice) {
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice) {
+    const Config& c = config();
     switch (a) {
         case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = 4; break;
-        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *v = 9; break;
-        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *v = 0; break;
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *v = c.cc / 10; break;
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *v = c.cc % 10; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *v = c.threads_per_sm; break;
         case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *v = 32; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X:
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z: *v = 64; break;
         case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: *v = 2147483647; break;
         case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y:
         case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: *v = 65535; break;
-        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *v = 48 << 10; break;
-        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *v = 227 << 10; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *v = kDefaultSmem; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *v = c.smem_optin; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: *v = c.smem_per_sm; break;
+        case CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK:
+        case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR: *v = 65536; break;
+        case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: *v = 1; break;
+        case CU_DEVICE_ATTRIBUTE_ASYNC_ENGINE_COUNT: *v = 2; break;
         case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: *v = 1; break;
         case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *v = 1; break;
         default: *v = 0;
@@ -96,7 +537,12 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
     *c = reinterpret_cast<CUcontext>(&fake_context);
     return CUDA_SUCCESS;
 }
-CUresult cuDevicePrimaryCtxRelease(CUdevice) { return CUDA_SUCCESS; }
+CUresult cuDevicePrimaryCtxRelease(CUdevice) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain_all(d);
+    return CUDA_SUCCESS;
+}
 CUresult cuCtxSetCurrent(CUcontext c) {
     current_ctx = c;
     return CUDA_SUCCESS;
@@ -109,60 +555,152 @@ CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain_all(d);
+    return CUDA_SUCCESS;
+}
 CUresult cuCtxSetFlags(unsigned) { return CUDA_SUCCESS; }
+CUresult cuCtxGetLimit(size_t* v, CUlimit) {
+    *v = 0;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxSetLimit(CUlimit, size_t) { return CUDA_SUCCESS; }
+CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    if (least) *least = 0;
+    if (greatest) *greatest = -5;
+    return CUDA_SUCCESS;
+}
 
-CUresult cuStreamCreate(CUstream* s, unsigned) {
-    *s = reinterpret_cast<CUstream>(new int(fake_stream));
+CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    auto* st = new Stream;
+    st->id = d.next_stream_id++;
+    st->slot = d.next_slot++;
+    st->blocking = (flags & CU_STREAM_NON_BLOCKING) == 0;
+    d.streams.push_back(st);
+    *s = reinterpret_cast<CUstream>(st);
     return CUDA_SUCCESS;
 }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
+// Work still queued on the stream completes first (CUDA lets it finish after the call returns).
 CUresult cuStreamDestroy(CUstream s) {
-    delete reinterpret_cast<int*>(s);
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    Stream* st = resolve(d, s);
+    if (st == &d.legacy || st == per_thread_stream) return CUDA_ERROR_INVALID_HANDLE;
+    drain(d, {st->last}, false);
+    std::erase(d.streams, st);
+    delete st;
     return CUDA_SUCCESS;
 }
-CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
-CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain(d, {resolve(d, s)->last}, false);
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    // On the record issued last before this call; later records do not change it.
+    enqueue(d, resolve(d, s), "wait event", nullptr, {(*reinterpret_cast<EventHandle*>(e))->last});
+    return CUDA_SUCCESS;
+}
 CUresult cuStreamIsCapturing(CUstream, CUstreamCaptureStatus* st) {
     *st = CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
 }
+CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void* data) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    enqueue(d, resolve(d, s), "host function", [fn, data] { fn(data); });
+    return CUDA_SUCCESS;
+}
 
-CUresult cuEventCreate(CUevent* e, unsigned) {
-    *e = reinterpret_cast<CUevent>(new Event);
+CUresult cuEventCreate(CUevent* e, unsigned flags) {
+    auto ev = std::make_shared<Event>();
+    ev->timing = (flags & CU_EVENT_DISABLE_TIMING) == 0;
+    *e = reinterpret_cast<CUevent>(new EventHandle(std::move(ev)));
     return CUDA_SUCCESS;
 }
+// A record still queued keeps the event alive until it runs.
 CUresult cuEventDestroy(CUevent e) {
-    delete reinterpret_cast<Event*>(e);
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    delete reinterpret_cast<EventHandle*>(e);
     return CUDA_SUCCESS;
 }
-CUresult cuEventRecord(CUevent e, CUstream) {
-    reinterpret_cast<Event*>(e)->t = std::chrono::steady_clock::now();
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    Event* ev = reinterpret_cast<EventHandle*>(e)->get();
+    EventHandle keep = *reinterpret_cast<EventHandle*>(e);
+    ev->last = enqueue(d, resolve(d, s), "record event", [keep] { keep->t = Clock::now(); });
     return CUDA_SUCCESS;
 }
 CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
-CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
-CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(CUevent e) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain(d, {(*reinterpret_cast<EventHandle*>(e))->last}, false);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
-    const auto d = reinterpret_cast<Event*>(b)->t - reinterpret_cast<Event*>(a)->t;
-    *ms = std::chrono::duration<float, std::milli>(d).count();
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    const Event& ea = **reinterpret_cast<EventHandle*>(a);
+    const Event& eb = **reinterpret_cast<EventHandle*>(b);
+    if (!ea.timing || !eb.timing || !ea.last || !eb.last) return CUDA_ERROR_INVALID_HANDLE;
+    if (!ea.last->done || !eb.last->done) return CUDA_ERROR_NOT_READY;
+    *ms = std::chrono::duration<float, std::milli>(eb.t - ea.t).count();
     return CUDA_SUCCESS;
 }
 
 // 256-byte aligned like cudaMalloc; zero bytes still gives a unique pointer.
+// Fresh memory holds 0xff bytes (NaN), not zeros.
 CUresult cuMemAlloc(CUdeviceptr* p, size_t bytes) {
+    Driver& d = drv();
     void* m = std::aligned_alloc(256, ((bytes + 255) / 256 + 1) * 256);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::memset(m, 0xff, bytes);
+    std::lock_guard<std::mutex> lock(d.m);
+    d.allocs[reinterpret_cast<uintptr_t>(m)] = Alloc{bytes, false, {}};
     *p = reinterpret_cast<CUdeviceptr>(m);
     return CUDA_SUCCESS;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return cuMemAlloc(p, bytes); }
-CUresult cuMemFree(CUdeviceptr p) {
-    std::free(reinterpret_cast<void*>(p));
+// Stream-ordered: another stream may use the memory once ordered after the allocation.
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    if (CUresult r = cuMemAlloc(p, bytes); r != CUDA_SUCCESS) return r;
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    enqueue(d, resolve(d, s), "allocation", nullptr, {}, {{*p, bytes, true}});
     return CUDA_SUCCESS;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree(p); }
+// cuMemFree synchronizes the device first.
+CUresult cuMemFree(CUdeviceptr p) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain_all(d);
+    auto it = d.allocs.find(static_cast<uintptr_t>(p));
+    if (it == d.allocs.end() || it->second.freed) return CUDA_ERROR_INVALID_VALUE;
+    release(d, p);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    auto it = d.allocs.find(static_cast<uintptr_t>(p));
+    if (it == d.allocs.end() || it->second.freed) return CUDA_ERROR_INVALID_VALUE;
+    // Every use on another stream must be ordered before the free.
+    enqueue(d, resolve(d, s), "free", [&d, p] { release(d, p); }, {}, {{p, it->second.bytes, true}});
+    it->second.freed = true;
+    return CUDA_SUCCESS;
+}
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) {
     *pool = reinterpret_cast<CUmemoryPool>(&fake_pool);
     return CUDA_SUCCESS;
@@ -174,71 +712,168 @@ CUresult cuMemPoolGetAttribute(CUmemoryPool, CUmemPool_attribute, void* v) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return CUDA_SUCCESS; }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::aligned_alloc(256, ((bytes + 255) / 256 + 1) * 256);
+    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+CUresult cuMemFreeHost(void* p) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain_all(d);
+    std::free(p);
+    return CUDA_SUCCESS;
+}
 
-CUresult cuMemcpyHtoD(CUdeviceptr d, const void* s, size_t n) {
-    std::memcpy(reinterpret_cast<void*>(d), s, n);
-    return CUDA_SUCCESS;
+// Synchronous copies and memsets go on the legacy default stream. A copy to the
+// host returns once done; one from the host once staged; device-to-device copies
+// and memsets do not wait for the host (CUDA's "API synchronization behavior").
+CUresult cuMemcpyHtoD(CUdeviceptr dst, const void* src, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_from_host(d, &d.legacy, dst, src, n);
 }
-CUresult cuMemcpyHtoDAsync(CUdeviceptr d, const void* s, size_t n, CUstream) { return cuMemcpyHtoD(d, s, n); }
-CUresult cuMemcpyDtoH(void* d, CUdeviceptr s, size_t n) {
-    std::memcpy(d, reinterpret_cast<const void*>(s), n);
-    return CUDA_SUCCESS;
+CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_from_host(d, resolve(d, s), dst, src, n);
 }
-CUresult cuMemcpyDtoHAsync(void* d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoH(d, s, n); }
-CUresult cuMemcpyDtoD(CUdeviceptr d, CUdeviceptr s, size_t n) {
-    std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s), n);
-    return CUDA_SUCCESS;
+CUresult cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_to_host(d, &d.legacy, dst, src, n);
 }
-CUresult cuMemcpyDtoDAsync(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { return cuMemcpyDtoD(d, s, n); }
-CUresult cuMemcpyPeerAsync(CUdeviceptr d, CUcontext, CUdeviceptr s, CUcontext, size_t n, CUstream) {
-    return cuMemcpyDtoD(d, s, n);
+CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_to_host(d, resolve(d, s), dst, src, n);
 }
-CUresult cuMemsetD8(CUdeviceptr d, unsigned char v, size_t n) {
-    std::memset(reinterpret_cast<void*>(d), v, n);
-    return CUDA_SUCCESS;
+CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_async(d, &d.legacy, dst, src, n, "memcpy DtoD");
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8(d, v, n); }
-CUresult cuMemsetD32(CUdeviceptr d, unsigned v, size_t n) {
-    auto* p = reinterpret_cast<unsigned*>(d);
-    for (size_t i = 0; i < n; ++i) p[i] = v;
-    return CUDA_SUCCESS;
+CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_async(d, resolve(d, s), dst, src, n, "memcpy DtoD");
 }
-CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return cuMemsetD32(d, v, n); }
+CUresult cuMemcpyPeerAsync(CUdeviceptr dst, CUcontext, CUdeviceptr src, CUcontext, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return copy_async(d, resolve(d, s), dst, src, n, "memcpy peer");
+}
+CUresult cuMemsetD8(CUdeviceptr p, unsigned char v, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return memset_async(d, &d.legacy, p, v, n);
+}
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return memset_async(d, resolve(d, s), p, v, n);
+}
+CUresult cuMemsetD32(CUdeviceptr p, unsigned v, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return memset_async(d, &d.legacy, p, v, n);
+}
+CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, CUstream s) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    return memset_async(d, resolve(d, s), p, v, n);
+}
 
 CUresult cuModuleLoadData(CUmodule* m, const void*) {
-    *m = reinterpret_cast<CUmodule>(&fake_module);
+    *m = reinterpret_cast<CUmodule>(new Module);
     return CUDA_SUCCESS;
 }
-CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
-CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+// Launches still queued may use the module's functions: they run first.
+CUresult cuModuleUnload(CUmodule m) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    drain_all(d);
+    delete reinterpret_cast<Module*>(m);
+    return CUDA_SUCCESS;
+}
+// One function object per module and name, with its own attributes.
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
     const frugal_emu::Kernel* k = find(name);
     if (!k) return CUDA_ERROR_NOT_FOUND;
-    *f = reinterpret_cast<CUfunction>(const_cast<frugal_emu::Kernel*>(k));
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    auto& slot = reinterpret_cast<Module*>(m)->functions[name];
+    if (!slot) slot.reset(new Function{k});
+    *f = reinterpret_cast<CUfunction>(slot.get());
     return CUDA_SUCCESS;
 }
+CUresult cuModuleGetGlobal(CUdeviceptr*, size_t*, CUmodule, const char*) { return CUDA_ERROR_NOT_FOUND; }
 CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
-    const auto* k = reinterpret_cast<const frugal_emu::Kernel*>(f);
-    if (a == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES && (v < 0 || size_t(v) > k->max_dynamic_smem))
-        return CUDA_ERROR_INVALID_VALUE;
-    return CUDA_SUCCESS;
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    auto* fn = reinterpret_cast<Function*>(f);
+    switch (a) {
+        case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+            // The emulator knows no kernel's static shared memory; it counts as 0.
+            if (v < 0 || unsigned(v) > config().smem_optin) return CUDA_ERROR_INVALID_VALUE;
+            if (fn->kernel->extern_smem && size_t(v) > fn->kernel->max_dynamic_smem)
+                fail("a kernel's dynamic shared memory exceeds the emulator's buffer (kernels_extern.cpp)");
+            fn->max_dynamic_smem = v;
+            return CUDA_SUCCESS;
+        case CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT:
+            if (v < -1 || v > 100) return CUDA_ERROR_INVALID_VALUE;
+            fn->carveout = v;
+            return CUDA_SUCCESS;
+        default: return CUDA_ERROR_INVALID_VALUE;  // the others are read-only (or unsupported here)
+    }
 }
 CUresult cuFuncSetCacheConfig(CUfunction, CUfunc_cache) { return CUDA_SUCCESS; }
-CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction) {
-    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? 1024 : 0;
+CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction f) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    const auto* fn = reinterpret_cast<const Function*>(f);
+    switch (a) {
+        case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = 1024; break;
+        case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: *v = fn->max_dynamic_smem; break;
+        case CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: *v = fn->carveout; break;
+        case CU_FUNC_ATTRIBUTE_PTX_VERSION:
+        case CU_FUNC_ATTRIBUTE_BINARY_VERSION: *v = config().cc; break;
+        case CU_FUNC_ATTRIBUTE_NUM_REGS: *v = 32; break;
+        // Static shared, constant and local memory are unknown to the emulator.
+        default: *v = 0;
+    }
     return CUDA_SUCCESS;
 }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned smem, CUstream, void** params, void** extra) {
-    const auto* k = reinterpret_cast<const frugal_emu::Kernel*>(f);
+                        unsigned smem, CUstream s, void** params, void** extra) {
+    const auto* fn = reinterpret_cast<const Function*>(f);
+    const frugal_emu::Kernel* k = fn->kernel;
     if (extra || !params) return CUDA_ERROR_INVALID_VALUE;
-    if (size_t(bx) * by * bz > 1024 || !gx || !gy || !gz || !bx || !by || !bz) return CUDA_ERROR_INVALID_VALUE;
-    if (gy > 65535 || gz > 65535) return CUDA_ERROR_INVALID_VALUE;
-    if (smem > k->max_dynamic_smem || (smem > (48u << 10) && !k->extern_smem)) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lock(launch_mutex);
-    static const bool trace = std::getenv("FRUGAL_EMU_TRACE") != nullptr;
-    if (trace) std::fprintf(stderr, "cuda emulator: %s grid (%u, %u, %u) block (%u, %u, %u) smem %u\n", k->name, gx, gy, gz, bx, by, bz, smem);
-    k->launch(*k, emu::Dim{gx, gy, gz}, emu::Dim{bx, by, bz}, smem, params);
+    if (size_t(bx) * by * bz > 1024 || bx > 1024 || by > 1024 || bz > 64) return CUDA_ERROR_INVALID_VALUE;
+    if (!gx || !gy || !gz || !bx || !by || !bz || gy > 65535 || gz > 65535) return CUDA_ERROR_INVALID_VALUE;
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    // Beyond 48 KiB only after cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) raised this function's limit.
+    if (smem > unsigned(fn->max_dynamic_smem)) return CUDA_ERROR_INVALID_VALUE;
+    if (smem > 0 && !k->extern_smem)
+        fail("a launch with dynamic shared memory of a kernel that declares none (kernels_static.cpp)");
+    frugal_emu::Prepared prepared = k->prepare(*k, emu::Dim{gx, gy, gz}, emu::Dim{bx, by, bz}, smem, params);
+    // A pointer argument may reach anything from it to the end of its allocation.
+    std::vector<Touch> touches;
+    for (const auto& a : prepared.pointers) {
+        auto it = find_alloc(d, a.address);
+        if (it != d.allocs.end()) touches.push_back({a.address, it->first + it->second.bytes - a.address, a.write});
+    }
+    Stream* st = resolve(d, s);
+    enqueue(
+        d, st, k->name,
+        [run = std::move(prepared.run), k, st, gx, gy, gz, bx, by, bz, smem] {
+            if (config().trace)
+                std::fprintf(stderr, "cuda emulator: stream %u: %s grid (%u, %u, %u) block (%u, %u, %u) smem %u\n", st->id,
+                             k->name, gx, gy, gz, bx, by, bz, smem);
+            run();
+        },
+        {}, touches);
     return CUDA_SUCCESS;
 }
 
@@ -247,7 +882,16 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
     return CUDA_SUCCESS;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    *s = e == CUDA_SUCCESS ? "CUDA_SUCCESS" : "CUDA_ERROR (emulator)";
+    switch (e) {
+        case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case CUDA_ERROR_NOT_READY: *s = "CUDA_ERROR_NOT_READY"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case CUDA_ERROR_NOT_INITIALIZED: *s = "CUDA_ERROR_NOT_INITIALIZED"; break;
+        default: *s = "CUDA_ERROR (emulator)";
+    }
     return CUDA_SUCCESS;
 }
 

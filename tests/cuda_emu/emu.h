@@ -12,9 +12,12 @@
 //
 // What it checks: indexing, masking, fragment layouts as the PTX ISA defines
 // them, the cp.async group discipline (copies land only at the wait that
-// covers them), barrier placement that would deadlock. What it cannot: timing,
-// races between threads that happen to be ordered here, exact rounding of
-// the tensor-core accumulation order, resource limits.
+// covers them), barrier placement that would deadlock, and (run again with
+// FRUGAL_EMU_ORDER=reverse, warps or warps-reverse) shared-memory races
+// that the order of threads decides. What it cannot: timing, races that
+// need a finer interleaving than whole runs between barriers, exact
+// rounding of the tensor-core accumulation order, registers and occupancy
+// (the driver checks the shared-memory limit).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #undef __global__
@@ -104,9 +108,10 @@ struct Ctx {
 inline Ctx ctx;
 
 // Every CUDA thread of a block is a fiber (ucontext) on one host thread;
-// the scheduler resumes, round robin, each fiber whose barrier has released,
-// so runs are deterministic and a barrier that some threads never reach is
-// reported instead of hanging.
+// the scheduler resumes, round robin, each fiber whose barrier has released
+// (in the order FRUGAL_EMU_ORDER picks: see order()), so runs are
+// deterministic and a barrier that some threads never reach is reported
+// instead of hanging. A fiber runs until its next barrier or warp collective.
 struct Fiber {
     ucontext_t uc;
     std::unique_ptr<char[]> stack;
@@ -144,6 +149,33 @@ inline void fiber_entry() {
 
 inline Dim grid_dim, block_dim;
 
+// FRUGAL_EMU_ORDER picks the order in which the scheduler resumes a block's
+// fibers, so that a thread reading shared memory another thread wrote with
+// no barrier between them sees a different value in one of the orders:
+//   forward (default)  round robin in thread order, each fiber up to its next
+//                      barrier or warp collective (thread 0 first);
+//   reverse            the same, last thread first;
+//   warps              one warp at a time runs alone until it waits at a block
+//                      barrier or ends, in warp order: a warp runs ahead of the
+//                      later ones by any number of warp collectives;
+//   warps-reverse      the same, last warp (and lane) first.
+struct Order {
+    bool reverse = false, warp_serial = false;
+};
+inline const Order& order() {
+    static const Order o = [] {
+        const char* e = std::getenv("FRUGAL_EMU_ORDER");
+        const std::string v = e ? e : "";
+        if (v.empty() || v == "forward") return Order{};
+        if (v == "reverse") return Order{true, false};
+        if (v == "warps") return Order{false, true};
+        if (v == "warps-reverse") return Order{true, true};
+        std::fprintf(stderr, "cuda emulator: FRUGAL_EMU_ORDER=%s: expected forward, reverse, warps or warps-reverse\n", e);
+        std::abort();
+    }();
+    return o;
+}
+
 // Runs every block of the grid in order, its threads as fibers. `smem` (the
 // file's `extern __shared__` buffer, if any) is poisoned with 0xff bytes
 // (NaN) before each block.
@@ -177,16 +209,33 @@ void launch(Dim grid, Dim block, unsigned char* smem, size_t smem_bytes, K kerne
                     f.uc.uc_link = &scheduler;
                     makecontext(&f.uc, fiber_entry, 0);
                 }
-                for (int left = n; left > 0;) {
+                int left = n;
+                // Resumes fiber t if it may run; false if it is done or waits at a barrier.
+                auto resume = [&](int t) {
+                    Fiber& f = fibers[t];
+                    if (f.done || (f.wait_gen && *f.wait_gen == f.wait_val)) return false;
+                    f.wait_gen = nullptr;
+                    ctx = f.ctx;
+                    current = &f;
+                    swapcontext(&scheduler, &f.uc);
+                    if (f.done) --left;
+                    return true;
+                };
+                const Order& o = order();
+                const int warps_n = (n + 31) / 32;
+                while (left > 0) {
                     bool progress = false;
-                    for (auto& f : fibers) {
-                        if (f.done || (f.wait_gen && *f.wait_gen == f.wait_val)) continue;
-                        f.wait_gen = nullptr;
-                        ctx = f.ctx;
-                        current = &f;
-                        swapcontext(&scheduler, &f.uc);
-                        progress = true;
-                        if (f.done) --left;
+                    if (!o.warp_serial) {
+                        for (int i = 0; i < n; ++i) progress |= resume(o.reverse ? n - 1 - i : i);
+                    } else {
+                        for (int i = 0; i < warps_n; ++i) {
+                            const int w = o.reverse ? warps_n - 1 - i : i, lanes = std::min(32, n - 32 * w);
+                            for (bool any = true; any;) {
+                                any = false;
+                                for (int l = 0; l < lanes; ++l) any |= resume(32 * w + (o.reverse ? lanes - 1 - l : l));
+                                progress |= any;
+                            }
+                        }
                     }
                     if (!progress) {
                         std::fprintf(stderr, "cuda emulator: block (%u, %u, %u): %d threads wait at a barrier the others never reach\n",
