@@ -130,6 +130,26 @@ impl CudaBackend {
         Ok(f)
     }
 
+    /// A kernel that may use up to `max_smem` bytes of dynamic shared memory,
+    /// looked up and configured once. The limit is the function's attribute,
+    /// which bounds every later launch of it from any thread, so `max_smem`
+    /// must be the most any launch of `name` uses, not this launch's size.
+    pub fn function_with_smem(&self, name: &'static str, max_smem: usize) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| Error::device(NAME, format!("kernel `{name}` missing from the fatbin: {e}")))?;
+        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        f.set_attribute(attr, max_smem as i32)
+            .map_err(|e| Error::device(NAME, format!("{name}: {max_smem} bytes of shared memory: {e}")))?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
     /// Refuses a stream that belongs to another context: the module lives in ours.
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() == self.ctx.cu_ctx() {

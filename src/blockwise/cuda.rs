@@ -9,8 +9,7 @@ use super::{check_lens, check_no_alias, BlockParams, BlockShape, Mask};
 use crate::backend::cuda::CudaBackend;
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Mirrors `struct BwParams` of blockwise.cu (144 bytes).
 #[repr(C)]
@@ -267,12 +266,6 @@ fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ 
     move |e| Error::device("cuda", format!("launching {name}: {e}"))
 }
 
-/// Lets `f` use `bytes` of dynamic shared memory (beyond the default 48 KiB).
-fn allow_smem(f: &CudaFunction, name: &str, bytes: usize) -> Result<()> {
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-        .map_err(|e| Error::device("cuda", format!("{name}: {bytes} bytes of shared memory: {e}")))
-}
-
 /// Records the forward of one (Q block, KV block) pair into f32 `o`
 /// `[B, Hq, q_len, D]` and `lse` `[B, Hq, q_len]` (`-inf` and 0 for rows
 /// that see no key); with `accumulate` the pair is merged into `(o, lse)`.
@@ -314,13 +307,23 @@ pub fn forward<T: Element>(
     let l = &params.layout;
     let mma = mma_kernel("forward", T::DTYPE, s.head_dim, &[(q_ptr, l.q), (k_ptr, l.k), (v_ptr, l.v)]);
     let wgmma = mma.and_then(|_| wgmma_kernel(backend, "forward", T::DTYPE, s.head_dim));
-    let (name, smem, rows_per_block, threads) = match (wgmma, mma) {
-        (Some(name), _) => (name, wgmma_forward_smem(s.head_dim), WGMMA_ROWS, WGMMA_THREADS),
-        (None, Some(name)) => (name, mma_forward_smem(s.head_dim), MMA_ROWS, THREADS),
-        (None, None) => (kernel_name("forward", T::DTYPE, Some(var.d_max)), forward_smem(s.head_dim), bq, THREADS),
+    // (kernel, its shared memory now, the most any launch of it uses, rows per block, threads):
+    // a tensor-core kernel has one head_dim, an FMA kernel serves head dims up to d_max.
+    let (name, smem, max_smem, rows_per_block, threads) = match (wgmma, mma) {
+        (Some(name), _) => {
+            let smem = wgmma_forward_smem(s.head_dim);
+            (name, smem, smem, WGMMA_ROWS, WGMMA_THREADS)
+        }
+        (None, Some(name)) => {
+            let smem = mma_forward_smem(s.head_dim);
+            (name, smem, smem, MMA_ROWS, THREADS)
+        }
+        (None, None) => {
+            let name = kernel_name("forward", T::DTYPE, Some(var.d_max));
+            (name, forward_smem(s.head_dim), forward_smem(var.d_max), bq, THREADS)
+        }
     };
-    let f = backend.function(name)?;
-    allow_smem(&f, name, smem)?;
+    let f = backend.function_with_smem(name, max_smem)?;
     let kp = kernel_params(params, accumulate);
     // SAFETY: every pointer was checked against the layout's extent above, the
     // kernel indexes only inside those extents, and KernelParams matches the ABI.
@@ -535,20 +538,24 @@ pub fn backward<T: Element>(
     let mma = mma_kernel("dkv", T::DTYPE, d, &rows_2b).zip(mma_kernel("dq", T::DTYPE, d, &rows_2b));
     let wgmma =
         mma.and_then(|_| wgmma_kernel(backend, "dkv", T::DTYPE, d).zip(wgmma_kernel(backend, "dq", T::DTYPE, d)));
-    let ((dkv_name, dkv_bytes, bkv), (dq_name, dq_bytes, bq), threads) = match (wgmma, mma) {
+    // Shared memory as in `forward`: (now, the most any launch of the kernel uses).
+    let ((dkv_name, dkv_bytes, dkv_max, bkv), (dq_name, dq_bytes, dq_max, bq), threads) = match (wgmma, mma) {
         (Some((dkv, dq)), _) => {
-            ((dkv, wgmma_dkv_smem(d), WGMMA_ROWS), (dq, wgmma_dq_smem(d), WGMMA_ROWS), WGMMA_THREADS)
+            let (a, b) = (wgmma_dkv_smem(d), wgmma_dq_smem(d));
+            ((dkv, a, a, WGMMA_ROWS), (dq, b, b, WGMMA_ROWS), WGMMA_THREADS)
         }
-        (None, Some((dkv, dq))) => ((dkv, mma_dkv_smem(d), MMA_KEYS), (dq, mma_dq_smem(d), MMA_ROWS), THREADS),
+        (None, Some((dkv, dq))) => {
+            let (a, b) = (mma_dkv_smem(d), mma_dq_smem(d));
+            ((dkv, a, a, MMA_KEYS), (dq, b, b, MMA_ROWS), THREADS)
+        }
         (None, None) => (
-            (kernel_name("dkv", T::DTYPE, Some(var.d_max)), dkv_smem(d), 16 * var.kpt),
-            (kernel_name("dq", T::DTYPE, Some(var.d_max)), dq_smem(d), TILE),
+            (kernel_name("dkv", T::DTYPE, Some(var.d_max)), dkv_smem(d), dkv_smem(var.d_max), 16 * var.kpt),
+            (kernel_name("dq", T::DTYPE, Some(var.d_max)), dq_smem(d), dq_smem(var.d_max), TILE),
             THREADS,
         ),
     };
-    let (dkv_f, dq_f) = (backend.function(dkv_name)?, backend.function(dq_name)?);
-    allow_smem(&dkv_f, dkv_name, dkv_bytes)?;
-    allow_smem(&dq_f, dq_name, dq_bytes)?;
+    let dkv_f = backend.function_with_smem(dkv_name, dkv_max)?;
+    let dq_f = backend.function_with_smem(dq_name, dq_max)?;
     // SAFETY: as in `forward`.
     unsafe {
         stream

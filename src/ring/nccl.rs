@@ -143,6 +143,8 @@ impl<T: Element + NcclType> NcclRing<T> {
     /// Records the forward on this rank's streams (every rank must call it).
     pub fn forward(&mut self) -> Result<()> {
         let (p, r, n) = (self.p, self.rank, self.p.plan.ranks);
+        // A previous call's last steps may still read the slots this one receives into.
+        self.comm_stream.join(&self.bufs.compute).map_err(err)?;
         for t in 0..n {
             if t + 1 < n {
                 // The slot received into was read by this rank's step t - 1.
@@ -190,5 +192,14 @@ impl<T: Element + NcclType> NcclRing<T> {
     pub fn read_grads(&self) -> Result<RingGrads> {
         self.bufs.compute.join(&self.comm_stream).map_err(err)?;
         self.bufs.read_grads(&self.p, self.rank)
+    }
+}
+
+impl<T: Element + NcclType> Drop for NcclRing<T> {
+    /// The buffers are freed on the compute stream while the communication
+    /// stream may still receive into them: work in flight finishes first.
+    fn drop(&mut self) {
+        let _ = self.comm_stream.synchronize();
+        let _ = self.bufs.compute.synchronize();
     }
 }
