@@ -6,7 +6,7 @@ mod common;
 
 use frugal_attn::blockwise::Mask;
 use frugal_attn::host::{rel_l2, Rng};
-use frugal_attn::ring::run::{self, RingInputs};
+use frugal_attn::ring::run::{self, RingInputs, RingOutput};
 use frugal_attn::ring::{RingLayout, RingParams, RingPlan};
 use frugal_attn::{Backend, DType};
 
@@ -35,12 +35,25 @@ struct Case {
     dtype: DType,
 }
 
-fn check(b: &Backend, c: &Case, seed: u64) {
+/// A ring transport under test: runs the forward and backward over every rank
+/// on whole-sequence inputs and gathers the results (`run::run` on a backend,
+/// or NCCL's ranks as threads).
+trait Transport {
+    fn run(&self, p: &RingParams, x: &RingInputs) -> RingOutput;
+}
+
+impl Transport for Backend {
+    fn run(&self, p: &RingParams, x: &RingInputs) -> RingOutput {
+        run::run(self, p, x, true).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn check(t: &impl Transport, c: &Case, seed: u64) {
     let plan = RingPlan::new(c.ranks, c.seq, c.layout, c.causal).unwrap();
     let p = RingParams::new(c.batch, c.q_heads, c.kv_heads, c.head_dim, plan);
     let x = RingInputs::random(&p, c.dtype, &mut Rng::new(seed));
     let want = run::reference(&p, &x, true).unwrap();
-    let got = run::run(b, &p, &x, true).unwrap_or_else(|e| panic!("{e}"));
+    let got = t.run(&p, &x);
     let what = format!("N={} S={} {} causal={} {}", c.ranks, c.seq, c.layout, c.causal, c.dtype);
     let tol = c.dtype.tolerance();
     let (g, w) = (got.grads.as_ref().unwrap(), want.grads.as_ref().unwrap());
@@ -57,8 +70,12 @@ fn check(b: &Backend, c: &Case, seed: u64) {
 }
 
 fn every_rank_count_layout_and_mask(b: &Backend) {
+    every_layout_and_mask(b, &RANKS);
+}
+
+fn every_layout_and_mask(t: &impl Transport, rank_counts: &[usize]) {
     let mut seed = 0;
-    for ranks in RANKS {
+    for &ranks in rank_counts {
         for layout in RingLayout::ALL {
             for causal in [false, true] {
                 seed += 1;
@@ -74,13 +91,13 @@ fn every_rank_count_layout_and_mask(b: &Backend) {
                     head_dim: 16,
                     dtype: DType::F32,
                 };
-                check(b, &c, seed);
+                check(t, &c, seed);
             }
         }
     }
 }
 
-fn gqa_batches_and_dtypes(b: &Backend) {
+fn gqa_batches_and_dtypes(t: &impl Transport) {
     let cases = [
         (3, RingLayout::Zigzag, 2, 4, 4, 64, DType::F32),
         (4, RingLayout::Stripe, 2, 7, 1, 80, DType::F16),
@@ -90,7 +107,7 @@ fn gqa_batches_and_dtypes(b: &Backend) {
     for (i, (ranks, layout, batch, q_heads, kv_heads, head_dim, dtype)) in cases.into_iter().enumerate() {
         let seq = seq_for(layout, ranks);
         let c = Case { ranks, seq, layout, causal: true, batch, q_heads, kv_heads, head_dim, dtype };
-        check(b, &c, 100 + i as u64);
+        check(t, &c, 100 + i as u64);
     }
 }
 
@@ -152,6 +169,177 @@ mod own_events {
             super::every_rank_count_layout_and_mask(&b);
             super::gqa_batches_and_dtypes(&b);
             super::back_to_back(&b);
+        }
+    }
+}
+
+/// NCCL's transport (crate feature `nccl`): every rank a thread of this
+/// process with its own `NcclRing`, as separate processes would run it: rank
+/// 0 makes the id and hands its bytes to the others through channels, each
+/// rank uploads its shards, runs the forward and backward and reads its
+/// results, and the gathered results are checked as every transport's. On
+/// the emulated libcuda and libnccl (scripts/cuda_emu_tests.sh --features
+/// nccl) the ranks share the one emulated device, cudarc's event tracking is
+/// off, and each send and receive is a stream-ordered copy between two ranks'
+/// communication streams, so a missing wait between a rank's streams fails
+/// here. Real NCCL wants a GPU per rank: with fewer than 4 GPUs it is skipped.
+#[cfg(feature = "nccl")]
+mod nccl_threads {
+    use super::{RingOutput, Transport};
+    use frugal_attn::backend::CudaBackend;
+    use frugal_attn::host::bytes_to_vec;
+    use frugal_attn::ring::nccl::{id_from_bytes, id_to_bytes, new_id, NcclRing};
+    use frugal_attn::ring::run::{self, RingInputs};
+    use frugal_attn::ring::{RingLayout, RingParams, RingPlan};
+    use frugal_attn::{with_host_data, Backend, DType, Element};
+    use std::sync::{mpsc, Arc};
+
+    /// How each rank calls its ring: `n` times the forward (and the backward),
+    /// back to back without waiting, then reads its results back (`read`) or
+    /// drops the ring with its work in flight.
+    #[derive(Clone, Copy)]
+    struct Calls {
+        n: usize,
+        backward: bool,
+        read: bool,
+    }
+
+    /// Rank `r` runs on `devices[r % devices.len()]`.
+    struct NcclThreads {
+        devices: Vec<Arc<CudaBackend>>,
+    }
+
+    impl Transport for NcclThreads {
+        fn run(&self, p: &RingParams, x: &RingInputs) -> RingOutput {
+            let calls = Calls { n: 1, backward: true, read: true };
+            with_host_data!(&x.q, _q, T => self.run_ranks::<T>(p, x, calls).expect("read"))
+        }
+    }
+
+    impl NcclThreads {
+        /// Every rank's thread runs its ring as `calls` says; the gathered results when read.
+        fn run_ranks<T: Element + cudarc::nccl::NcclType>(
+            &self,
+            p: &RingParams,
+            x: &RingInputs,
+            calls: Calls,
+        ) -> Option<RingOutput> {
+            let n = p.plan.ranks;
+            let shards = |h: &frugal_attn::host::HostData, heads: usize| {
+                p.plan.shard(&bytes_to_vec::<T>(h.as_bytes()), p.batch * heads, p.head_dim).unwrap()
+            };
+            let (q, k, v, d_o) = (
+                shards(&x.q, p.q_heads),
+                shards(&x.k, p.kv_heads),
+                shards(&x.v, p.kv_heads),
+                shards(&x.d_o, p.q_heads),
+            );
+            let (mut to_others, from_zero): (Vec<_>, Vec<_>) = (1..n).map(|_| mpsc::channel::<[u8; 128]>()).unzip();
+            let mut from_zero = from_zero.into_iter();
+            let results: Vec<_> = std::thread::scope(|s| {
+                let ranks: Vec<_> = (0..n)
+                    .map(|r| {
+                        let backend = self.devices[r % self.devices.len()].clone();
+                        let (send_id, recv_id) = if r == 0 {
+                            (std::mem::take(&mut to_others), None)
+                        } else {
+                            (Vec::new(), from_zero.next())
+                        };
+                        let (q, k, v, d_o) = (&q[r], &k[r], &v[r], &d_o[r]);
+                        s.spawn(move || {
+                            let rank = || -> frugal_attn::Result<_> {
+                                let id = match recv_id {
+                                    None => {
+                                        let id = new_id()?;
+                                        for tx in send_id {
+                                            tx.send(id_to_bytes(&id)).expect("a rank waits for the id");
+                                        }
+                                        id
+                                    }
+                                    Some(rx) => id_from_bytes(&rx.recv().expect("rank 0 sends the id"))?,
+                                };
+                                let mut ring = NcclRing::new(backend, p, r, id, q, k, v, d_o)?;
+                                for _ in 0..calls.n {
+                                    ring.forward()?;
+                                    if calls.backward {
+                                        ring.backward()?;
+                                    }
+                                }
+                                if !calls.read {
+                                    return Ok(None);
+                                }
+                                let (out, state) = ring.read_forward()?;
+                                Ok(Some((out, state, if calls.backward { Some(ring.read_grads()?) } else { None })))
+                            };
+                            rank().unwrap_or_else(|e| panic!("rank {r}: {e}"))
+                        })
+                    })
+                    .collect();
+                ranks.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+            });
+            let results: Option<Vec<_>> = results.into_iter().collect();
+            let (mut outs, mut states, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+            for (out, state, g) in results? {
+                outs.push(out);
+                states.push(state);
+                grads.extend(g);
+            }
+            Some(run::gather(p, &outs, &states, calls.backward.then_some(&grads[..])).unwrap())
+        }
+    }
+
+    /// A bad id, rank or shard is refused naming it, before NCCL is called;
+    /// on the emulator, an id NCCL rejects is an error naming NCCL's code.
+    fn bad_input(b: &Arc<CudaBackend>, emulated: bool) {
+        assert_eq!(id_from_bytes(&[0; 127]).err().and_then(|e| e.argument().map(str::to_owned)).as_deref(), Some("id"));
+        let plan = RingPlan::new(2, 8, RingLayout::Zigzag, true).unwrap();
+        let p = RingParams::new(1, 2, 1, 16, plan);
+        let (q, kv) = (vec![0f32; p.q_shard_elems(0)], vec![0f32; p.kv_shard_elems(0)]);
+        let new = |rank, id, q: &[f32]| NcclRing::new(b.clone(), &p, rank, id, q, &kv, &kv, q).err().expect("refused");
+        assert_eq!(new(2, new_id().unwrap(), &q).argument(), Some("rank"));
+        assert_eq!(new(0, new_id().unwrap(), &q[1..]).argument(), Some("q"));
+        if emulated {
+            let e = new(0, id_from_bytes(&[0; 128]).unwrap(), &q).to_string();
+            assert!(e.contains("ncclInvalidArgument"), "{e}");
+        }
+    }
+
+    #[test]
+    fn cuda() {
+        let Some(Backend::Cuda(b)) = crate::common::nccl("nccl_threads") else { return };
+        let emulated = b.context().name().is_ok_and(|name| name.contains("emulator"));
+        let devices = if emulated {
+            vec![b]
+        } else {
+            let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
+            if gpus < 4 {
+                assert!(
+                    !crate::common::required("nccl"),
+                    "nccl is required by FRUGAL_REQUIRE but {gpus} GPUs cannot run 4 ranks"
+                );
+                eprintln!("SKIPPED nccl_threads on nccl: NCCL wants a GPU per rank, up to 4; {gpus} here");
+                return;
+            }
+            (0..gpus).map(crate::common::cuda_untracked_on).collect()
+        };
+        bad_input(&devices[0], emulated);
+        let t = NcclThreads { devices };
+        super::every_layout_and_mask(&t, &[1, 2, 3, 4]);
+        super::gqa_batches_and_dtypes(&t);
+        // Calls back to back without waiting (forwards alone, as for inference,
+        // or with backwards) equal one call, and a ring dropped with its work
+        // in flight waits for it.
+        for ranks in 1..=4 {
+            let plan =
+                RingPlan::new(ranks, super::seq_for(RingLayout::Zigzag, ranks), RingLayout::Zigzag, true).unwrap();
+            let p = RingParams::new(1, 2, 1, 16, plan);
+            let x = RingInputs::random(&p, DType::F32, &mut frugal_attn::host::Rng::new(7));
+            for backward in [false, true] {
+                let once = t.run_ranks::<f32>(&p, &x, Calls { n: 1, backward, read: true });
+                let twice = t.run_ranks::<f32>(&p, &x, Calls { n: 2, backward, read: true });
+                assert!(twice == once, "N={ranks} backward={backward}: the second of two calls back to back");
+                t.run_ranks::<f32>(&p, &x, Calls { n: 2, backward, read: false });
+            }
         }
     }
 }

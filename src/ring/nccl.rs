@@ -20,8 +20,9 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::{group_end, group_start, Comm, Id, NcclType};
 use std::sync::Arc;
 
+/// Names NCCL's result code (`NcclError`'s own Debug prints only "NcclError").
 fn nccl_err(e: cudarc::nccl::result::NcclError) -> Error {
-    Error::device("nccl", format!("{e:?}"))
+    Error::device("nccl", format!("{:?}", e.0))
 }
 
 /// A fresh unique id, made once by rank 0.

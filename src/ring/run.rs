@@ -259,8 +259,11 @@ impl<T: Element> Shards<T> {
     }
 }
 
-/// Puts every rank's output, `lse` and gradients back into whole-sequence order.
-fn gather<T: Element>(
+/// Puts every rank's output shard, forward state and gradients (as each
+/// transport's `read_forward`/`read_grads` return them, rank by rank) back
+/// into whole-sequence order, as [`run`] returns them. For ranks run
+/// elsewhere, e.g. NCCL's processes, once their results are in one place.
+pub fn gather<T: Element>(
     p: &RingParams,
     out: &[Vec<T>],
     states: &[RingState],

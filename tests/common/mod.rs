@@ -42,12 +42,39 @@ pub fn cuda_untracked(test: &str) -> Option<Backend> {
     let Backend::Cuda(shared) = backend(BackendKind::Cuda, test)? else {
         unreachable!("the cuda backend is a Backend::Cuda")
     };
-    let ctx = cudarc::driver::CudaContext::new(shared.context().ordinal()).expect("a second CUDA context object");
+    Some(Backend::Cuda(cuda_untracked_on(shared.context().ordinal())))
+}
+
+/// A CUDA backend as [`cuda_untracked`]'s on device `ordinal` (CUDA is present).
+pub fn cuda_untracked_on(ordinal: usize) -> std::sync::Arc<backend::CudaBackend> {
+    let ctx = cudarc::driver::CudaContext::new(ordinal).expect("a second CUDA context object");
     // SAFETY: off before any stream or buffer of this context exists; the code
     // under test orders its streams with its own events.
     unsafe { ctx.disable_event_tracking() };
-    let b = backend::CudaBackend::from_context(ctx).expect("the kernels load into the new context");
-    Some(Backend::Cuda(std::sync::Arc::new(b)))
+    std::sync::Arc::new(backend::CudaBackend::from_context(ctx).expect("the kernels load into the new context"))
+}
+
+/// True when `FRUGAL_REQUIRE` (a comma-separated list) names `what`.
+pub fn required(what: &str) -> bool {
+    std::env::var("FRUGAL_REQUIRE").is_ok_and(|v| v.split(',').any(|s| s.trim().eq_ignore_ascii_case(what)))
+}
+
+/// For NCCL's transport (crate feature `nccl`): the CUDA backend of
+/// [`cuda_untracked`] when libnccl loads, else `None` (skip, reported by
+/// name as for a backend), or a failure when `FRUGAL_REQUIRE` names `nccl`.
+#[cfg(feature = "nccl")]
+pub fn nccl(test: &str) -> Option<Backend> {
+    // SAFETY: only tries to load the library, as cudarc would on first use.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        let why =
+            "no libnccl.so on the library path (scripts/cuda_emu_tests.sh --features nccl builds an emulated one)";
+        assert!(!required("nccl"), "nccl is required by FRUGAL_REQUIRE but unavailable: {why}");
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test} on nccl: {why}");
+        return None;
+    }
+    let b = cuda_untracked(test);
+    assert!(b.is_some() || !required("nccl"), "nccl is required by FRUGAL_REQUIRE but CUDA is unavailable");
+    b
 }
 
 /// `backend_tests!(f, g)` makes modules `f` and `g`, each with tests `cpu`,

@@ -45,9 +45,12 @@
 #include <cuda.h>
 
 #include "emu_registry.h"
+#include "nccl_emu.h"
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -57,6 +60,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -82,6 +87,7 @@ struct Config {
     unsigned smem_optin = 232448;  // bytes of dynamic shared memory per block, opted in
     unsigned smem_per_sm = 233472;
     int threads_per_sm = 2048;
+    double nccl_timeout = 300;  // seconds a host wait for NCCL work no thread issues may last
     std::string error;  // a bad setting: cuInit fails and says why
 };
 
@@ -107,6 +113,7 @@ const Config& config() {
                 default: c.error = std::string("FRUGAL_EMU_CC=") + s + ": expected 80, 86, 89 or 90";
             }
         }
+        if (const char* s = std::getenv("FRUGAL_EMU_NCCL_TIMEOUT"); s && *s) c.nccl_timeout = std::atof(s);
         if (!c.error.empty()) std::fprintf(stderr, "cuda emulator: %s\n", c.error.c_str());
         return c;
     }();
@@ -126,8 +133,24 @@ void join(VectorClock& a, const VectorClock& b) {
 }
 uint64_t at(const VectorClock& v, unsigned i) { return i < v.size() ? v[i] : 0; }
 
+struct Op;
+
+// One send or receive of an NCCL group (nccl.cpp, through nccl_emu.h). A send
+// and a receive of the same communicator and pair are matched in issue order;
+// their copy runs once both their operations are reached.
+struct Endpoint {
+    FrugalEmuP2p p;
+    uint64_t nth = 0;  // its number among the sends (or receives) of its pair, from 1
+    Op* op = nullptr;  // the operation it belongs to (alive until the endpoint is done)
+    std::shared_ptr<Endpoint> partner;  // the matching receive or send, once issued; reset when done
+    bool done = false;
+};
+
 // One queued operation. It runs once every dependency has run and it is at
-// the head of its stream's queue.
+// the head of its stream's queue; an NCCL group (with endpoints) also waits
+// until the operation of each of its endpoints' partners has been reached
+// (is at the head of its queue, its dependencies done), then runs all its
+// copies at once.
 struct Op {
     uint64_t seq = 0;  // issue order, from 1
     Stream* stream = nullptr;
@@ -136,6 +159,7 @@ struct Op {
     std::function<void()> run;  // empty for event records' and waits' bookkeeping
     const char* kind = "";
     VectorClock clock;  // what the operation is ordered after (happens-before), itself included
+    std::vector<std::shared_ptr<Endpoint>> endpoints;  // an NCCL group's sends and receives
 };
 
 struct Stream {
@@ -195,6 +219,25 @@ struct Driver {
     std::map<uintptr_t, Alloc> allocs;  // live device allocations by address
     std::deque<std::pair<void*, size_t>> quarantine;  // freed blocks, held back from reuse for a while
     size_t quarantined = 0;
+    // NCCL's point-to-point transfers (nccl_emu.h): per (communicator, sender,
+    // receiver) the endpoints issued and not yet matched (all of one kind),
+    // and how many sends and receives were issued.
+    struct Channel {
+        uint64_t sends = 0, recvs = 0;
+        std::deque<std::shared_ptr<Endpoint>> unmatched;
+    };
+    std::map<std::tuple<uint64_t, int, int>, Channel> channels;
+    struct Rank {
+        std::thread::id owner;  // the thread that joined, which issues its work
+        bool left = false;      // its communicator was destroyed or aborted
+    };
+    std::map<std::pair<uint64_t, int>, Rank> ranks;  // by (communicator, rank)
+    // A host wait for NCCL work not yet issued sleeps on `progress`, which is
+    // notified when work runs or is issued (`generation` counts those events);
+    // `waiting` holds the sleeping threads and the generation they last saw.
+    std::condition_variable_any progress;
+    uint64_t generation = 0;
+    std::map<std::thread::id, uint64_t> waiting;
 };
 
 Driver& drv() {
@@ -222,70 +265,211 @@ Stream* resolve(Driver& d, CUstream s) {
 
 bool finished(const std::shared_ptr<Op>& op) { return !op || op->done; }
 
-void execute(Op& op) {
+void require_device(const Driver& d, CUdeviceptr p, size_t n, const char* what);
+
+// Called when work ran or NCCL work was issued: wakes the host waits for NCCL work.
+void progressed(Driver& d) {
+    ++d.generation;
+    if (!d.waiting.empty()) d.progress.notify_all();
+}
+
+// "rank 0's send of 96 float32 to rank 1 (its 3rd to rank 1) on stream 4": for messages.
+std::string describe(const Endpoint& e) {
+    char msg[256];
+    const char* th = e.nth % 10 == 1 && e.nth % 100 != 11 ? "st" : e.nth % 10 == 2 && e.nth % 100 != 12 ? "nd"
+                   : e.nth % 10 == 3 && e.nth % 100 != 13 ? "rd" : "th";
+    std::snprintf(msg, sizeof msg, "rank %d's %s of %zu %s %s rank %d (its %llu%s %s rank %d) on stream %u", e.p.self,
+                  e.p.send ? "send" : "receive", e.p.count, e.p.type, e.p.send ? "to" : "from", e.p.peer,
+                  (unsigned long long)e.nth, th, e.p.send ? "to" : "from", e.p.peer, e.op ? e.op->stream->id : 0u);
+    return msg;
+}
+
+// The copy of a matched send and receive: both are done after it.
+void transfer(Driver& d, Endpoint& e) {
+    Endpoint& s = e.p.send ? e : *e.partner;
+    Endpoint& r = e.p.send ? *e.partner : e;
+    const size_t n = s.p.count * s.p.elem_bytes;
+    require_device(d, s.p.ptr, n, "nccl send");
+    require_device(d, r.p.ptr, n, "nccl receive");
+    if (config().trace)
+        std::fprintf(stderr, "cuda emulator: nccl: %zu %s from rank %d (stream %u) to rank %d (stream %u)\n", s.p.count,
+                     s.p.type, s.p.self, s.op->stream->id, r.p.self, r.op->stream->id);
+    std::memmove(reinterpret_cast<void*>(r.p.ptr), reinterpret_cast<const void*>(s.p.ptr), n);
+    s.done = r.done = true;
+    std::shared_ptr<Endpoint> keep = std::move(e.partner);  // both stay alive in their operations; the cycle breaks
+    s.partner.reset();
+    r.partner.reset();
+}
+
+void execute(Driver& d, Op& op) {
     if (config().trace > 1) std::fprintf(stderr, "cuda emulator: stream %u: %s (#%llu)\n", op.stream->id, op.kind, (unsigned long long)op.seq);
+    for (const auto& e : op.endpoints)
+        if (!e->done) transfer(d, *e);
     if (op.run) op.run();
     op.run = nullptr;  // drops captured buffers
     op.done = true;
 }
 
-// Runs queued work until every operation of `targets` has run (`all`: until
-// every stream is empty), and nothing more than they need: only the prefixes
-// of streams they depend on. Among the streams whose head may run, the head
-// issued last runs first.
-void drain(Driver& d, const std::vector<std::shared_ptr<Op>>& targets, bool all) {
-    std::unordered_map<Stream*, uint64_t> need;  // run stream s up to sequence number need[s]
-    if (all) {
-        for (Stream* s : d.streams) need[s] = UINT64_MAX;
-    } else {
-        std::vector<Op*> work;
-        for (const auto& t : targets)
-            if (!finished(t)) work.push_back(t.get());
-        while (!work.empty()) {
-            Op* t = work.back();
-            work.pop_back();
-            uint64_t& n = need[t->stream];
-            if (t->seq <= n) continue;
-            const uint64_t old = n;
-            n = t->seq;
-            for (const auto& op : t->stream->queue) {
-                if (op->seq <= old) continue;
-                if (op->seq > n) break;
-                for (const auto& dep : op->deps)
-                    if (!dep->done) work.push_back(dep.get());
-            }
+// The operation is at the head of its stream's queue and may run as far as
+// its stream and waits go (an NCCL group's peers may copy with it).
+bool reached(const Op& op) {
+    if (op.done) return true;
+    if (op.stream->queue.empty() || op.stream->queue.front().get() != &op) return false;
+    for (const auto& dep : op.deps)
+        if (!dep->done) return false;
+    return true;
+}
+
+// `head`, at the head of its queue, may run: its waits are done and, for an
+// NCCL group, every copy still to run has a partner whose operation is reached.
+bool ready(const Op& head) {
+    for (const auto& dep : head.deps)
+        if (!dep->done) return false;
+    for (const auto& e : head.endpoints)
+        if (!e->done && (!e->partner || !reached(*e->partner->op))) return false;
+    return true;
+}
+
+using Need = std::unordered_map<Stream*, uint64_t>;  // run stream s up to sequence number need[s]
+
+// What must run for `targets` to complete: the prefixes of their streams,
+// those of the streams their waits depend on, and for an NCCL group the
+// prefix before each partner's operation (which must be reached, not run).
+Need needed(const std::vector<std::shared_ptr<Op>>& targets) {
+    Need need;
+    std::vector<std::pair<Op*, bool>> work;  // (op, whole): op and what precedes it, or (!whole) only the latter
+    for (const auto& t : targets)
+        if (!finished(t)) work.push_back({t.get(), true});
+    while (!work.empty()) {
+        auto [t, whole] = work.back();
+        work.pop_back();
+        if (t->done) continue;
+        if (!whole)
+            for (const auto& dep : t->deps)
+                if (!dep->done) work.push_back({dep.get(), true});
+        const uint64_t upto = whole ? t->seq : t->seq - 1;
+        uint64_t& n = need[t->stream];
+        if (upto <= n) continue;
+        const uint64_t old = n;
+        n = upto;
+        for (const auto& op : t->stream->queue) {
+            if (op->seq <= old) continue;
+            if (op->seq > n) break;
+            for (const auto& dep : op->deps)
+                if (!dep->done) work.push_back({dep.get(), true});
+            for (const auto& e : op->endpoints)
+                if (!e->done && e->partner && e->partner->op != op.get()) work.push_back({e->partner->op, false});
         }
     }
+    return need;
+}
+
+void wait_for_peers(Driver& d, const Need& need, Clock::time_point since);
+
+// Runs queued work until every operation of `targets` has run (`all`: all
+// work issued so far), and nothing more than they need: only the prefixes
+// of streams they depend on. Among the streams whose head may run, the head
+// issued last runs first. When what remains waits for NCCL work that no
+// thread has issued yet, the driver's lock is released until another thread
+// issues it (wait_for_peers).
+void drain(Driver& d, std::vector<std::shared_ptr<Op>> targets, bool all) {
+    if (all) {
+        targets.clear();
+        for (Stream* s : d.streams)
+            if (s->last) targets.push_back(s->last);
+    }
+    Clock::time_point since = Clock::now();
     for (;;) {
-        Stream* pick = nullptr;
-        bool pending = false;
-        for (const auto& [s, n] : need) {
-            if (s->queue.empty() || s->queue.front()->seq > n) continue;
-            pending = true;
-            const Op& head = *s->queue.front();
-            bool ready = true;
-            for (const auto& dep : head.deps) ready = ready && dep->done;
-            if (ready && (!pick || head.seq > pick->queue.front()->seq)) pick = s;
+        const Need need = needed(targets);
+        bool ran = false;
+        for (;;) {
+            Stream* pick = nullptr;
+            for (const auto& [s, n] : need) {
+                if (s->queue.empty() || s->queue.front()->seq > n) continue;
+                const Op& head = *s->queue.front();
+                if (ready(head) && (!pick || head.seq > pick->queue.front()->seq)) pick = s;
+            }
+            if (!pick) break;
+            std::shared_ptr<Op> op = std::move(pick->queue.front());
+            pick->queue.pop_front();
+            execute(d, *op);
+            ran = true;
+            progressed(d);
         }
-        if (!pick) {
-            if (pending) fail("queued work waits on work that can never run (internal error)");
-            break;
-        }
-        std::shared_ptr<Op> op = std::move(pick->queue.front());
-        pick->queue.pop_front();
-        execute(*op);
+        if (std::all_of(targets.begin(), targets.end(), finished)) break;
+        if (ran) since = Clock::now();
+        wait_for_peers(d, need, since);
     }
     // The host has seen these complete, and so everything ordered before them.
-    if (all) {
-        for (Stream* s : d.streams)
-            if (s->last) join(d.host, s->last->clock);
-    } else {
-        for (const auto& t : targets)
-            if (t) join(d.host, t->clock);
-    }
+    for (const auto& t : targets)
+        if (t) join(d.host, t->clock);
 }
 
 void drain_all(Driver& d) { drain(d, {}, true); }
+
+// Nothing in `need` can run. If NCCL work that no thread has issued yet is
+// missing, sleeps (releasing the driver's lock) until work is issued or runs;
+// aborts with a message when it can never come: its peer left, every rank
+// of the communicator waits the same way (a deadlock), or
+// FRUGAL_EMU_NCCL_TIMEOUT seconds passed. Anything else stuck is a deadlock
+// of NCCL groups (or an internal error).
+void wait_for_peers(Driver& d, const Need& need, Clock::time_point since) {
+    std::vector<const Endpoint*> missing;
+    const Endpoint* unreached = nullptr;  // a partner issued but never reached
+    for (const auto& [s, n] : need) {
+        if (s->queue.empty() || s->queue.front()->seq > n) continue;
+        for (const auto& e : s->queue.front()->endpoints) {
+            if (e->done) continue;
+            if (!e->partner) missing.push_back(e.get());
+            else if (!unreached && !reached(*e->partner->op)) unreached = e.get();
+        }
+    }
+    std::string msg;
+    if (missing.empty()) {
+        if (!unreached) fail("queued work waits on work that can never run (internal error)");
+        msg = "nccl: deadlock: " + describe(*unreached) + " is matched by " + describe(*unreached->partner) +
+              ", which its stream can never reach: the work before it waits (through streams, events or other transfers) "
+              "for work that cannot run before the first";
+        fail(msg.c_str());
+    }
+    for (const Endpoint* e : missing) {
+        auto it = d.ranks.find({e->p.comm, e->p.peer});
+        if (it != d.ranks.end() && it->second.left) {
+            msg = "nccl: " + describe(*e) + " can never complete: rank " + std::to_string(e->p.peer) +
+                  " destroyed or aborted its communicator without issuing the matching " + (e->p.send ? "receive" : "send");
+            fail(msg.c_str());
+        }
+    }
+    const std::thread::id me = std::this_thread::get_id();
+    d.waiting[me] = d.generation;
+    // The unmatched transfers of a communicator all of whose ranks' threads wait here, unchanged since.
+    auto unmatched = [&d](uint64_t comm) {
+        std::string list;
+        for (const auto& [key, ch] : d.channels)
+            if (std::get<0>(key) == comm)
+                for (const auto& e : ch.unmatched) list += "\n  " + describe(*e);
+        return list;
+    };
+    for (const Endpoint* e : missing) {
+        bool all_wait = true;
+        for (auto it = d.ranks.lower_bound({e->p.comm, INT_MIN}); it != d.ranks.end() && it->first.first == e->p.comm; ++it) {
+            if (it->second.left) continue;
+            auto w = d.waiting.find(it->second.owner);
+            all_wait = all_wait && w != d.waiting.end() && w->second == d.generation;
+        }
+        if (all_wait) {
+            msg = "nccl: deadlock: the thread of every rank waits for a transfer whose match no rank has issued:" + unmatched(e->p.comm);
+            fail(msg.c_str());
+        }
+    }
+    if (std::chrono::duration<double>(Clock::now() - since).count() > config().nccl_timeout) {
+        msg = "nccl: waited over FRUGAL_EMU_NCCL_TIMEOUT seconds for the match of a transfer (no thread issued it):" +
+              unmatched(missing.front()->p.comm);
+        fail(msg.c_str());
+    }
+    d.progress.wait_for(d.m, std::chrono::seconds(1));
+    d.waiting.erase(me);
+}
 
 std::map<uintptr_t, Alloc>::iterator find_alloc(Driver& d, uintptr_t p);
 
@@ -329,10 +513,14 @@ void check_races(Driver& d, const Op& op, const std::vector<Touch>& touches) {
     }
 }
 
+void match(Driver& d, const std::shared_ptr<Endpoint>& e);
+
 // Queues `run` on `s` after `deps`, reading and writing `touches` (checked for
-// races); in eager mode runs it (and anything before it) now.
+// races), with an NCCL group's `endpoints` (matched with their peers' now);
+// in eager mode runs it (and anything before it) now.
 std::shared_ptr<Op> enqueue(Driver& d, Stream* s, const char* kind, std::function<void()> run,
-                            std::vector<std::shared_ptr<Op>> deps = {}, const std::vector<Touch>& touches = {}) {
+                            std::vector<std::shared_ptr<Op>> deps = {}, const std::vector<Touch>& touches = {},
+                            std::vector<std::shared_ptr<Endpoint>> endpoints = {}) {
     auto op = std::make_shared<Op>();
     op->seq = ++d.seq;
     op->stream = s;
@@ -355,10 +543,43 @@ std::shared_ptr<Op> enqueue(Driver& d, Stream* s, const char* kind, std::functio
     for (auto& dep : deps)
         if (!finished(dep)) op->deps.push_back(std::move(dep));
     check_races(d, *op, touches);
+    for (const auto& e : endpoints) {
+        e->op = op.get();
+        match(d, e);
+    }
+    op->endpoints = std::move(endpoints);
     s->queue.push_back(op);
     s->last = op;
+    if (!op->endpoints.empty()) progressed(d);
     if (config().eager) drain(d, {op}, false);
     return op;
+}
+
+// Pairs a send or receive with the oldest unmatched counterpart of its
+// communicator and pair, or leaves it unmatched for the next one.
+void match(Driver& d, const std::shared_ptr<Endpoint>& e) {
+    const FrugalEmuP2p& p = e->p;
+    Driver::Channel& ch = d.channels[{p.comm, p.send ? p.self : p.peer, p.send ? p.peer : p.self}];
+    e->nth = p.send ? ++ch.sends : ++ch.recvs;
+    std::string msg;
+    if (auto it = d.ranks.find({p.comm, p.peer}); it != d.ranks.end() && it->second.left) {
+        msg = "nccl: " + describe(*e) + " is issued after rank " + std::to_string(p.peer) +
+              " destroyed or aborted its communicator: it can never complete";
+        fail(msg.c_str());
+    }
+    if (ch.unmatched.empty() || ch.unmatched.front()->p.send == p.send) {
+        ch.unmatched.push_back(e);
+        return;
+    }
+    std::shared_ptr<Endpoint> other = std::move(ch.unmatched.front());
+    ch.unmatched.pop_front();
+    if (other->p.count != p.count || other->p.elem_bytes != p.elem_bytes || std::strcmp(other->p.type, p.type) != 0) {
+        msg = "nccl: mismatched transfer: " + describe(*other) + " is matched (by issue order) with " + describe(*e) +
+              ": NCCL needs the same count and type on both sides";
+        fail(msg.c_str());
+    }
+    e->partner = other;
+    other->partner = e;
 }
 
 // ---- device memory -----------------------------------------------------------
@@ -893,6 +1114,58 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         default: *s = "CUDA_ERROR (emulator)";
     }
     return CUDA_SUCCESS;
+}
+
+// ---- the emulated NCCL's transfers (nccl_emu.h, nccl.cpp) ----------------------
+
+CUresult frugal_emu_p2p_group(CUstream s, const FrugalEmuP2p* ops, size_t n) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    std::vector<Touch> touches;
+    std::vector<std::shared_ptr<Endpoint>> endpoints;
+    for (size_t i = 0; i < n; ++i) {
+        const size_t bytes = ops[i].count * ops[i].elem_bytes;
+        if (!is_device(d, ops[i].ptr, bytes)) return CUDA_ERROR_INVALID_VALUE;
+        touches.push_back({ops[i].ptr, bytes, ops[i].send == 0});
+        auto e = std::make_shared<Endpoint>();
+        e->p = ops[i];
+        endpoints.push_back(std::move(e));
+    }
+    // NCCL runs a group's transfers concurrently: a receive must not overlap another buffer of the group.
+    for (size_t i = 0; i < n; ++i)
+        for (size_t j = 0; j < n; ++j) {
+            const uintptr_t a = ops[i].ptr, b = ops[j].ptr;
+            const size_t na = ops[i].count * ops[i].elem_bytes, nb = ops[j].count * ops[j].elem_bytes;
+            if (i != j && !ops[i].send && na && nb && a < b + nb && b < a + na) {
+                char msg[256];
+                std::snprintf(msg, sizeof msg, "nccl: a group on one stream receives from rank %d into bytes that its %s %s rank %d uses too",
+                              ops[i].peer, ops[j].send ? "send" : "receive", ops[j].send ? "to" : "from", ops[j].peer);
+                fail(msg);
+            }
+        }
+    enqueue(d, resolve(d, s), "nccl group", nullptr, {}, touches, std::move(endpoints));
+    return CUDA_SUCCESS;
+}
+
+void frugal_emu_p2p_join(uint64_t comm, int rank) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    d.ranks[{comm, rank}] = Driver::Rank{std::this_thread::get_id(), false};
+}
+
+void frugal_emu_p2p_leave(uint64_t comm, int rank, int destroy) {
+    Driver& d = drv();
+    std::lock_guard<std::mutex> lock(d.m);
+    d.ranks[{comm, rank}].left = true;
+    if (destroy)
+        for (const auto& [key, ch] : d.channels)
+            for (const auto& e : ch.unmatched)
+                if (std::get<0>(key) == comm && e->p.self == rank) {
+                    std::string msg = "nccl: ncclCommDestroy while " + describe(*e) +
+                                      " is unmatched: NCCL would wait for it forever";
+                    fail(msg.c_str());
+                }
+    progressed(d);
 }
 
 // cuda.h maps these names to their _v2 versions; cudarc may load either.
