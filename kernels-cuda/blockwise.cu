@@ -1614,6 +1614,28 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
 // warpgroup MMAs, shared tiles 128-byte swizzled as in forward_wgmma_impl.
 #ifdef BW_HAS_WGMMA
 
+// The two score products of a backward step for this warpgroup's 64 rows:
+// x = A_x B_x^T and y = A_y B_y^T over the head dim, the A tiles A_ROWS rows
+// (this warpgroup's from row 64 wg) and the B tiles N rows, all K-major and
+// 128-byte swizzled at the given shared addresses; returns once both are done.
+// dK/dV: (K, V) against (Q, dO); dQ: (Q, dO) against (K, V).
+template <typename T, int D, int A_ROWS, int N>
+__device__ __forceinline__ void paired_products_wgmma(float (&x)[N / 8][4], float (&y)[N / 8][4], unsigned a_x,
+                                                      unsigned a_y, unsigned b_x, unsigned b_y, int wg) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned a_col = (kk / 4) * (A_ROWS * 128) + wg * (64 * 128) + (kk % 4) * 32;
+        const unsigned b_col = (kk / 4) * (N * 128) + (kk % 4) * 32;
+        wgmma_smem_kmajor<T, N>(x, sw128_desc(a_x + a_col, 16, 1024), sw128_desc(b_x + b_col, 16, 1024), kk > 0);
+        wgmma_smem_kmajor<T, N>(y, sw128_desc(a_y + a_col, 16, 1024), sw128_desc(b_y + b_col, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(x);
+    wgmma_hold(y);
+}
+
 // dK/dV. Block: 2 warpgroups; warpgroup wg owns keys 64 wg..64 wg + 63 of a
 // 128-key tile of one (sequence, kv head); K and V stay in shared memory and
 // the query steps (the group's query heads x kQRows rows from the first row
@@ -1702,20 +1724,7 @@ __device__ __forceinline__ void dkv_wgmma_impl(const T* __restrict__ q, const T*
         const float* l2s = row_sh + (t & 1) * 2 * BQ;
         const float* dls = l2s + BQ;
 
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned col = (kk / 4) * (BKV * 128) + wg * (64 * 128) + (kk % 4) * 32;
-            const unsigned step_col = (kk / 4) * (BQ * 128) + (kk % 4) * 32;
-            wgmma_smem_kmajor<T, BQ>(s, sw128_desc(k_addr + col, 16, 1024), sw128_desc(q_addr + step_col, 16, 1024),
-                                     kk > 0);
-            wgmma_smem_kmajor<T, BQ>(ds, sw128_desc(v_addr + col, 16, 1024),
-                                     sw128_desc(do_addr + step_col, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(s);
-        wgmma_hold(ds);
+        paired_products_wgmma<T, D, BKV, BQ>(s, ds, k_addr, v_addr, q_addr, do_addr, wg);
 
         // Mask only steps that hold keys past kv_len or cross the causal
         // diagonal (the block's last key against the step's first row; j0 + BKV
@@ -1826,20 +1835,7 @@ __device__ __forceinline__ void dq_wgmma_impl(const T* __restrict__ q, const T* 
         __syncthreads();
         const unsigned k_addr = kv_addr + (t & 1) * 2 * TILE_KV, v_addr = k_addr + TILE_KV;
 
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned row_col = (kk / 4) * (BQ * 128) + wg * (64 * 128) + (kk % 4) * 32;
-            const unsigned key_col = (kk / 4) * (BK * 128) + (kk % 4) * 32;
-            wgmma_smem_kmajor<T, BK>(s, sw128_desc(q_addr + row_col, 16, 1024), sw128_desc(k_addr + key_col, 16, 1024),
-                                     kk > 0);
-            wgmma_smem_kmajor<T, BK>(ds, sw128_desc(do_addr + row_col, 16, 1024),
-                                     sw128_desc(v_addr + key_col, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(s);
-        wgmma_hold(ds);
+        paired_products_wgmma<T, D, BQ, BK>(s, ds, q_addr, do_addr, k_addr, v_addr, wg);
 
         // Mask as in dq_mma_impl: only tiles that cross the key end or the
         // causal diagonal of the block's first row.

@@ -118,16 +118,7 @@ impl CudaBackend {
 
     /// A kernel of the embedded module, looked up once.
     pub fn function(&self, name: &'static str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(|e| Error::device(NAME, format!("kernel `{name}` missing from the fatbin: {e}")))?;
-        cache.insert(name, f.clone());
-        Ok(f)
+        self.cached_function(name, None)
     }
 
     /// A kernel that may use up to `max_smem` bytes of dynamic shared memory,
@@ -135,6 +126,10 @@ impl CudaBackend {
     /// which bounds every later launch of it from any thread, so `max_smem`
     /// must be the most any launch of `name` uses, not this launch's size.
     pub fn function_with_smem(&self, name: &'static str, max_smem: usize) -> Result<CudaFunction> {
+        self.cached_function(name, Some(max_smem))
+    }
+
+    fn cached_function(&self, name: &'static str, max_smem: Option<usize>) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
@@ -143,9 +138,11 @@ impl CudaBackend {
             .module
             .load_function(name)
             .map_err(|e| Error::device(NAME, format!("kernel `{name}` missing from the fatbin: {e}")))?;
-        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        f.set_attribute(attr, max_smem as i32)
-            .map_err(|e| Error::device(NAME, format!("{name}: {max_smem} bytes of shared memory: {e}")))?;
+        if let Some(bytes) = max_smem {
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, bytes as i32)
+                .map_err(|e| Error::device(NAME, format!("{name}: {bytes} bytes of shared memory: {e}")))?;
+        }
         cache.insert(name, f.clone());
         Ok(f)
     }
