@@ -260,6 +260,71 @@ impl WgpuBackend {
     }
 }
 
+/// A technique's WGSL kernel file: its name (the pipeline cache's key) and source.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WgslFile {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// One dispatch of a compute pass: an entry point of the pass's kernel file,
+/// its storage and uniform buffers as `(binding, buffer)` of bind group 0, and
+/// the workgroup counts.
+pub(crate) struct Dispatch<'a> {
+    pub entry: &'static str,
+    pub bindings: &'a [(u32, &'a wgpu::Buffer)],
+    pub groups: (u32, u32, u32),
+}
+
+impl WgpuBackend {
+    /// Records `dispatches`, in order, in one compute pass labelled `label`;
+    /// each runs its entry point of `file` specialised for `dtype`.
+    pub(crate) fn record_pass(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        label: &str,
+        file: WgslFile,
+        dtype: DType,
+        dispatches: &[Dispatch<'_>],
+    ) -> Result<()> {
+        // Pipelines and bind groups first: building one fails with an Err, and a pass must not be left half recorded.
+        let mut steps = Vec::with_capacity(dispatches.len());
+        for d in dispatches {
+            let pipeline = self.pipeline(file.name, file.source, d.entry, dtype)?;
+            let entries: Vec<_> = d
+                .bindings
+                .iter()
+                .map(|&(binding, buffer)| wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() })
+                .collect();
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(d.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            steps.push((pipeline, bind_group, d.groups));
+        }
+        let mut pass =
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        for (pipeline, bind_group, (x, y, z)) in &steps {
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(*x, *y, *z);
+        }
+        Ok(())
+    }
+}
+
+/// `x` as one of a kernel's 32-bit indices (an offset, stride or extent), or
+/// an `Err` naming `arg`.
+pub(crate) fn index_u32<N: Copy + TryInto<u32> + std::fmt::Display>(x: N, arg: &str) -> Result<u32> {
+    x.try_into().map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
+}
+
+/// Three strides as 32-bit indices (`Err` naming `arg`).
+pub(crate) fn strides_u32(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
+    Ok([index_u32(st[0], arg)?, index_u32(st[1], arg)?, index_u32(st[2], arg)?])
+}
+
 /// The `DTYPE` override value of `kernels-wgsl/common.wgsl`.
 pub(crate) fn dtype_code(dtype: DType) -> u32 {
     match dtype {

@@ -7,12 +7,14 @@
 //! tensor a launcher writes must not share its buffer with any other argument.
 
 use super::{check_lens, BlockParams, BlockShape, Mask};
-use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor};
+use crate::backend::wgpu::{
+    check_distinct_buffers, index_u32, strides_u32, Dispatch, WgpuBackend, WgpuTensor, WgslFile,
+};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-const FILE: &str = "blockwise.wgsl";
-const SOURCE: &str = include_str!("../../kernels-wgsl/blockwise.wgsl");
+const KERNELS: WgslFile =
+    WgslFile { name: "blockwise.wgsl", source: include_str!("../../kernels-wgsl/blockwise.wgsl") };
 /// Threads per workgroup of every entry point.
 const WG: usize = 64;
 /// Query rows per workgroup (`BQ` of the kernel).
@@ -64,14 +66,6 @@ struct Params {
 
 const _: () = assert!(std::mem::size_of::<Params>() == 160);
 
-fn u32_of(x: u64, arg: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
-}
-
-fn strides(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
-    Ok([u32_of(st[0] as u64, arg)?, u32_of(st[1] as u64, arg)?, u32_of(st[2] as u64, arg)?])
-}
-
 /// The shape fields of `Params` (sizes were validated to fit i32).
 fn shape_params(s: &BlockShape) -> Params {
     Params {
@@ -90,10 +84,10 @@ fn shape_params(s: &BlockShape) -> Params {
 fn block_params(p: &BlockParams) -> Result<Params> {
     let l = &p.layout;
     Ok(Params {
-        q_st: strides(&l.q, "q_strides")?,
-        k_st: strides(&l.k, "k_strides")?,
-        v_st: strides(&l.v, "v_strides")?,
-        do_st: strides(&l.o, "o_strides")?,
+        q_st: strides_u32(&l.q, "q_strides")?,
+        k_st: strides_u32(&l.k, "k_strides")?,
+        v_st: strides_u32(&l.v, "v_strides")?,
+        do_st: strides_u32(&l.o, "o_strides")?,
         q0: p.q0 as u32,
         k0: p.k0 as u32,
         causal: (p.mask == Mask::Causal) as u32,
@@ -108,10 +102,10 @@ fn lens(backend: &WgpuBackend, tensors: &[(&'static str, &WgpuTensor<'_>, u64)])
 }
 
 fn off(t: &WgpuTensor<'_>, arg: &str) -> Result<u32> {
-    u32_of(t.offset, arg)
+    index_u32(t.offset, arg)
 }
 
-/// Records one dispatch of `entry` with `params` and the given bindings.
+/// Records one dispatch of `entry` with `params` (binding 0) and the given bindings.
 fn dispatch(
     backend: &WgpuBackend,
     encoder: &mut wgpu::CommandEncoder,
@@ -121,25 +115,9 @@ fn dispatch(
     bindings: &[(u32, &wgpu::Buffer)],
     groups: (u32, u32, u32),
 ) -> Result<()> {
-    let pipeline = backend.pipeline(FILE, SOURCE, entry, dtype)?;
     let uniform = backend.uniform(params);
-    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-    entries.extend(
-        bindings
-            .iter()
-            .map(|&(binding, buffer)| wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }),
-    );
-    let bind_group = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(entry),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(groups.0, groups.1, groups.2);
-    Ok(())
+    let bindings = [[(0, &uniform)].as_slice(), bindings].concat();
+    backend.record_pass(encoder, entry, KERNELS, dtype, &[Dispatch { entry, bindings: &bindings, groups }])
 }
 
 /// Records the forward of one (Q block, KV block) pair: the normalised partial

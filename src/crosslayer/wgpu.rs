@@ -1,13 +1,15 @@
 //! WGSL launchers for cross-layer attention and slot writes (`kernels-wgsl/crosslayer.wgsl`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{
+    check_distinct_buffers, index_u32, strides_u32, Dispatch, WgpuBackend, WgpuTensor, WgpuWorkspace, WgslFile,
+};
 use crate::decode::wgpu::{record as record_split_kv, KeyRule, SplitKvArgs};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-const FILE: &str = "crosslayer.wgsl";
-const SOURCE: &str = include_str!("../../kernels-wgsl/crosslayer.wgsl");
+const KERNELS: WgslFile =
+    WgslFile { name: "crosslayer.wgsl", source: include_str!("../../kernels-wgsl/crosslayer.wgsl") };
 
 /// Mirrors `struct AttnParams` of crosslayer.wgsl.
 #[repr(C)]
@@ -50,14 +52,6 @@ struct KernelWrite {
     head_dim: u32,
     rows: u32,
     ring: u32,
-}
-
-fn u32_of(x: usize, arg: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
-}
-
-fn u32s(st: &[usize; 3], arg: &str) -> Result<[u32; 3]> {
-    Ok([u32_of(st[0], arg)?, u32_of(st[1], arg)?, u32_of(st[2], arg)?])
 }
 
 /// Records attention of `queries` tokens per sequence over one slot into
@@ -120,10 +114,10 @@ pub fn attend(
         ("v_slot", &v_slot, params.v_len()),
         ("out", &out, params.o_len()),
     ] {
-        u32_of(t.offset as usize + len, arg)?;
+        index_u32(t.offset + len as u64, arg)?;
     }
     let l = &params.layout;
-    let off = |t: &WgpuTensor<'_>, arg: &str| u32_of(t.offset as usize, arg);
+    let off = |t: &WgpuTensor<'_>, arg: &str| index_u32(t.offset, arg);
     let p = KernelAttn {
         q_off: off(&q, "q")?,
         k_off: off(&k_slot, "k_slot")?,
@@ -131,10 +125,10 @@ pub fn attend(
         o_off: off(&out, "out")?,
         pos_off: off(&q_pos, "q_pos")?,
         lens_off: off(&kv_lens, "kv_lens")?,
-        q: u32s(&l.q, "q_strides")?,
-        k: u32s(&l.k, "k_strides")?,
-        v: u32s(&l.v, "v_strides")?,
-        o: u32s(&l.o, "o_strides")?,
+        q: strides_u32(&l.q, "q_strides")?,
+        k: strides_u32(&l.k, "k_strides")?,
+        v: strides_u32(&l.v, "v_strides")?,
+        o: strides_u32(&l.o, "o_strides")?,
         q_heads: s.q_heads as u32,
         kv_heads: s.kv_heads as u32,
         head_dim: s.head_dim as u32,
@@ -146,26 +140,23 @@ pub fn attend(
         pad: [0; 2],
     };
     let uniform = backend.uniform(&p);
-    let pipeline = backend.pipeline(FILE, SOURCE, "xl_attend", dtype)?;
-    let bg = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("xl_attend"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            entry(0, &uniform),
-            entry(1, q.buffer),
-            entry(2, k_slot.buffer),
-            entry(3, v_slot.buffer),
-            entry(4, q_pos.buffer),
-            entry(5, kv_lens.buffer),
-            entry(6, out.buffer),
-        ],
-    });
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("xl_attend"), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bg, &[]);
-    pass.dispatch_workgroups(s.queries as u32, s.q_heads as u32, s.batch as u32);
-    Ok(())
+    let bindings = [
+        (0, &uniform),
+        (1, q.buffer),
+        (2, k_slot.buffer),
+        (3, v_slot.buffer),
+        (4, q_pos.buffer),
+        (5, kv_lens.buffer),
+        (6, out.buffer),
+    ];
+    let groups = (s.queries as u32, s.q_heads as u32, s.batch as u32);
+    backend.record_pass(
+        encoder,
+        "xl_attend",
+        KERNELS,
+        dtype,
+        &[Dispatch { entry: "xl_attend", bindings: &bindings, groups }],
+    )
 }
 
 /// Records the write of `tokens` new K/V rows per sequence into a slot
@@ -205,17 +196,17 @@ pub fn write(
         ("k_slot", &k_slot, params.slot_len()),
         ("v_slot", &v_slot, params.slot_len()),
     ] {
-        u32_of(t.offset as usize + len, arg)?;
+        index_u32(t.offset + len as u64, arg)?;
     }
-    let off = |t: &WgpuTensor<'_>, arg: &str| u32_of(t.offset as usize, arg);
+    let off = |t: &WgpuTensor<'_>, arg: &str| index_u32(t.offset, arg);
     let p = KernelWrite {
         new_k_off: off(&new_k, "new_k")?,
         new_v_off: off(&new_v, "new_v")?,
         k_off: off(&k_slot, "k_slot")?,
         v_off: off(&v_slot, "v_slot")?,
         start_off: off(&start, "start")?,
-        new: u32s(&params.new, "new_strides")?,
-        slot: u32s(&params.slot, "slot_strides")?,
+        new: strides_u32(&params.new, "new_strides")?,
+        slot: strides_u32(&params.slot, "slot_strides")?,
         tokens: params.tokens as u32,
         kv_heads: params.kv_heads as u32,
         head_dim: params.head_dim as u32,
@@ -223,27 +214,20 @@ pub fn write(
         ring: params.ring as u32,
     };
     let uniform = backend.uniform(&p);
-    let pipeline = backend.pipeline(FILE, SOURCE, "xl_write", dtype)?;
-    let bg = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("xl_write"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            entry(10, &uniform),
-            entry(11, new_k.buffer),
-            entry(12, new_v.buffer),
-            entry(13, start.buffer),
-            entry(14, k_slot.buffer),
-            entry(15, v_slot.buffer),
-        ],
-    });
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("xl_write"), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bg, &[]);
-    pass.dispatch_workgroups(rows_x as u32, params.batch as u32, 1);
-    Ok(())
-}
-
-fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+    let bindings = [
+        (10, &uniform),
+        (11, new_k.buffer),
+        (12, new_v.buffer),
+        (13, start.buffer),
+        (14, k_slot.buffer),
+        (15, v_slot.buffer),
+    ];
+    let groups = (rows_x as u32, params.batch as u32, 1);
+    backend.record_pass(
+        encoder,
+        "xl_write",
+        KERNELS,
+        dtype,
+        &[Dispatch { entry: "xl_write", bindings: &bindings, groups }],
+    )
 }

@@ -1,12 +1,13 @@
 //! WGSL launchers for dense decode (`kernels-wgsl/decode.wgsl`).
 
 use super::{BufferLens, DecodeParams, HEADS_PER_BLOCK};
-use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{
+    check_distinct_buffers, index_u32, Dispatch, WgpuBackend, WgpuTensor, WgpuWorkspace, WgslFile,
+};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-const FILE: &str = "decode.wgsl";
-const SOURCE: &str = include_str!("../../kernels-wgsl/decode.wgsl");
+const KERNELS: WgslFile = WgslFile { name: "decode.wgsl", source: include_str!("../../kernels-wgsl/decode.wgsl") };
 
 /// Mirrors `struct Params` of decode.wgsl.
 #[repr(C)]
@@ -153,9 +154,7 @@ pub(crate) fn record(
         ("batch", s.batch),
         ("q_heads", s.q_heads),
     ])?;
-    let u = |x: usize, arg: &str| -> Result<u32> {
-        u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
-    };
+    let u = index_u32::<usize>;
     let (l, off) = (&params.layout, |t: &WgpuTensor<'_>| t.offset as usize);
     let p = Params {
         q_off: u(off(&q), "q")?,
@@ -211,49 +210,35 @@ pub(crate) fn record(
         (false, true) => "decode_partial_al",
         (true, true) => "decode_partial4_al",
     };
-    let partial = backend.pipeline(FILE, SOURCE, partial_entry, dtype)?;
-    let merge = backend.pipeline(FILE, SOURCE, "decode_merge", dtype)?;
-    let device = backend.device();
-    let partial_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("decode_partial"),
-        layout: &partial.get_bind_group_layout(0),
-        entries: &[
-            entry(0, &uniform),
-            entry(1, q.buffer),
-            entry(2, k_cache.buffer),
-            entry(3, v_cache.buffer),
-            entry(4, seq_lens.buffer),
-            entry(5, workspace.buffer()),
-            // K and V again, as arrays of 16-byte words.
-            entry(7, k_cache.buffer),
-            entry(8, v_cache.buffer),
-            entry(9, keys.pos.buffer),
+    let ws = workspace.buffer();
+    let partial_bindings = [
+        (0, &uniform),
+        (1, q.buffer),
+        (2, k_cache.buffer),
+        (3, v_cache.buffer),
+        (4, seq_lens.buffer),
+        (5, ws),
+        // K and V again, as arrays of 16-byte words.
+        (7, k_cache.buffer),
+        (8, v_cache.buffer),
+        (9, keys.pos.buffer),
+    ];
+    let merge_bindings = [(0, &uniform), (4, seq_lens.buffer), (5, ws), (6, out.buffer), (9, keys.pos.buffer)];
+    let partial_groups = (plan.num_splits.div_ceil(wg_splits) as u32, groups_y as u32, s.batch as u32);
+    backend.record_pass(
+        encoder,
+        "decode",
+        KERNELS,
+        dtype,
+        &[
+            Dispatch { entry: partial_entry, bindings: &partial_bindings, groups: partial_groups },
+            Dispatch {
+                entry: "decode_merge",
+                bindings: &merge_bindings,
+                groups: (s.q_heads as u32, s.batch as u32, 1),
+            },
         ],
-    });
-    let merge_bg = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("decode_merge"),
-        layout: &merge.get_bind_group_layout(0),
-        entries: &[
-            entry(0, &uniform),
-            entry(4, seq_lens.buffer),
-            entry(5, workspace.buffer()),
-            entry(6, out.buffer),
-            entry(9, keys.pos.buffer),
-        ],
-    });
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode"), timestamp_writes: None });
-    pass.set_pipeline(&partial);
-    pass.set_bind_group(0, &partial_bg, &[]);
-    pass.dispatch_workgroups(plan.num_splits.div_ceil(wg_splits) as u32, groups_y as u32, s.batch as u32);
-    pass.set_pipeline(&merge);
-    pass.set_bind_group(0, &merge_bg, &[]);
-    pass.dispatch_workgroups(s.q_heads as u32, s.batch as u32, 1);
-    Ok(())
-}
-
-fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+    )
 }
 
 /// True when every row of a cache with strides `st` starts on a 16-byte

@@ -3,12 +3,13 @@
 //! (scores, select, gather, merge) sharing one workspace.
 
 use super::{validate_append, validate_fill, GqaMode, SparqCacheShape, SparqParams};
-use crate::backend::wgpu::{check_distinct_buffers, BoundBuffer, WgpuBackend, WgpuTensor, WgpuWorkspace};
+use crate::backend::wgpu::{
+    check_distinct_buffers, index_u32, BoundBuffer, Dispatch, WgpuBackend, WgpuTensor, WgpuWorkspace, WgslFile,
+};
 use crate::dtype::DType;
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 
-const FILE: &str = "sparq.wgsl";
-const SOURCE: &str = include_str!("../../kernels-wgsl/sparq.wgsl");
+const KERNELS: WgslFile = WgslFile { name: "sparq.wgsl", source: include_str!("../../kernels-wgsl/sparq.wgsl") };
 /// Threads per workgroup of every entry point but `sparq_merge`.
 const WG: usize = 256;
 /// Head dims per workgroup of `sparq_fill_mean`.
@@ -54,27 +55,6 @@ struct Params {
     src_sh: u32,
     src_ss: u32,
     src2_off: u32,
-}
-
-fn u32_of(x: usize, arg: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| Error::invalid(arg, format!("{x} does not fit the kernels' 32-bit indices")))
-}
-
-fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
-}
-
-fn bind_group(
-    backend: &WgpuBackend,
-    pipeline: &wgpu::ComputePipeline,
-    label: &str,
-    entries: &[wgpu::BindGroupEntry<'_>],
-) -> wgpu::BindGroup {
-    backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries,
-    })
 }
 
 /// A SparQ cache on a wgpu device: K, K^T and V in `dtype` (packed into u32
@@ -205,17 +185,17 @@ impl SparqCache {
             crate::decode::extent(&[(s.batch, st[0]), (s.kv_heads, st[1]), (longest.max(1), st[2])], s.head_dim)
         };
         let mut pk = self.base_params();
-        pk.src_off = u32_of(k.offset as usize, "k")?;
-        u32_of(k.offset as usize + extent(&k_strides), "k")?;
-        pk.src_sb = u32_of(k_strides[0], "k_strides")?;
-        pk.src_sh = u32_of(k_strides[1], "k_strides")?;
-        pk.src_ss = u32_of(k_strides[2], "k_strides")?;
+        pk.src_off = index_u32(k.offset as usize, "k")?;
+        index_u32(k.offset as usize + extent(&k_strides), "k")?;
+        pk.src_sb = index_u32(k_strides[0], "k_strides")?;
+        pk.src_sh = index_u32(k_strides[1], "k_strides")?;
+        pk.src_ss = index_u32(k_strides[2], "k_strides")?;
         let mut pv = self.base_params();
-        pv.src_off = u32_of(v.offset as usize, "v")?;
-        u32_of(v.offset as usize + extent(&v_strides), "v")?;
-        pv.src_sb = u32_of(v_strides[0], "v_strides")?;
-        pv.src_sh = u32_of(v_strides[1], "v_strides")?;
-        pv.src_ss = u32_of(v_strides[2], "v_strides")?;
+        pv.src_off = index_u32(v.offset as usize, "v")?;
+        index_u32(v.offset as usize + extent(&v_strides), "v")?;
+        pv.src_sb = index_u32(v_strides[0], "v_strides")?;
+        pv.src_sh = index_u32(v_strides[1], "v_strides")?;
+        pv.src_ss = index_u32(v_strides[2], "v_strides")?;
 
         let max_dim = limits.max_compute_workgroups_per_dimension as usize;
         let d = s.head_dim;
@@ -224,55 +204,26 @@ impl SparqCache {
         let row_words = if self.dtype == DType::F32 { longest * d } else { (longest * d).div_ceil(2) + 1 };
         let t_words = d * if self.dtype == DType::F32 { longest } else { (longest + 3) / 2 };
 
-        let rows = backend.pipeline(FILE, SOURCE, "sparq_fill_rows", self.dtype)?;
-        let trans = backend.pipeline(FILE, SOURCE, "sparq_fill_t", self.dtype)?;
-        let mean = backend.pipeline(FILE, SOURCE, "sparq_fill_mean", self.dtype)?;
         let uk = backend.uniform(&pk);
         let uv = backend.uniform(&pv);
-        let bg_k = bind_group(
-            backend,
-            &rows,
-            "sparq_fill_rows",
-            &[entry(0, &uk), entry(6, &self.lens), entry(9, k.buffer), entry(11, &self.k)],
-        );
-        let bg_v = bind_group(
-            backend,
-            &rows,
-            "sparq_fill_rows",
-            &[entry(0, &uv), entry(6, &self.lens), entry(9, v.buffer), entry(11, &self.v)],
-        );
-        let bg_t = bind_group(
-            backend,
-            &trans,
-            "sparq_fill_t",
-            &[entry(0, &uk), entry(6, &self.lens), entry(9, k.buffer), entry(11, &self.kt)],
-        );
-        let bg_m = bind_group(
-            backend,
-            &mean,
-            "sparq_fill_mean",
-            &[entry(0, &uv), entry(6, &self.lens), entry(9, v.buffer), entry(12, &self.mean)],
-        );
+        let rows_k = [(0, &uk), (6, &self.lens), (9, k.buffer), (11, &self.k)];
+        let rows_v = [(0, &uv), (6, &self.lens), (9, v.buffer), (11, &self.v)];
+        let trans_k = [(0, &uk), (6, &self.lens), (9, k.buffer), (11, &self.kt)];
+        let mean_v = [(0, &uv), (6, &self.lens), (9, v.buffer), (12, &self.mean)];
+        let (y, z) = (s.kv_heads as u32, s.batch as u32);
+        let mut dispatches = Vec::new();
+        if longest > 0 {
+            let rows = |bindings| Dispatch { entry: "sparq_fill_rows", bindings, groups: (per_block(row_words), y, z) };
+            dispatches.push(rows(&rows_k));
+            dispatches.push(rows(&rows_v));
+            dispatches.push(Dispatch { entry: "sparq_fill_t", bindings: &trans_k, groups: (per_block(t_words), y, z) });
+        }
+        let mean_groups = (d.div_ceil(FILL_DIMS) as u32, y, z);
+        dispatches.push(Dispatch { entry: "sparq_fill_mean", bindings: &mean_v, groups: mean_groups });
 
         let staged = backend.upload(bytemuck::cast_slice(seq_lens));
         encoder.copy_buffer_to_buffer(&staged, 0, &self.lens, 0, 4 * s.batch as u64);
-        let mut pass = encoder
-            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq_fill"), timestamp_writes: None });
-        let (y, z) = (s.kv_heads as u32, s.batch as u32);
-        if longest > 0 {
-            pass.set_pipeline(&rows);
-            pass.set_bind_group(0, &bg_k, &[]);
-            pass.dispatch_workgroups(per_block(row_words), y, z);
-            pass.set_bind_group(0, &bg_v, &[]);
-            pass.dispatch_workgroups(per_block(row_words), y, z);
-            pass.set_pipeline(&trans);
-            pass.set_bind_group(0, &bg_t, &[]);
-            pass.dispatch_workgroups(per_block(t_words), y, z);
-        }
-        pass.set_pipeline(&mean);
-        pass.set_bind_group(0, &bg_m, &[]);
-        pass.dispatch_workgroups(d.div_ceil(FILL_DIMS) as u32, y, z);
-        drop(pass);
+        backend.record_pass(encoder, "sparq_fill", KERNELS, self.dtype, &dispatches)?;
         self.host_lens = seq_lens.to_vec();
         Ok(())
     }
@@ -299,33 +250,29 @@ impl SparqCache {
         backend.check_workgroups(&[("batch", self.shape.batch)])?;
         let need = self.shape.mean_len();
         let mut p = self.base_params();
-        p.src_off = u32_of(k_new.offset as usize, "k_new")?;
-        p.src2_off = u32_of(v_new.offset as usize, "v_new")?;
-        u32_of(k_new.offset as usize + need, "k_new")?;
-        u32_of(v_new.offset as usize + need, "v_new")?;
-        let pipeline = backend.pipeline(FILE, SOURCE, "sparq_append", self.dtype)?;
+        p.src_off = index_u32(k_new.offset as usize, "k_new")?;
+        p.src2_off = index_u32(v_new.offset as usize, "v_new")?;
+        index_u32(k_new.offset as usize + need, "k_new")?;
+        index_u32(v_new.offset as usize + need, "v_new")?;
         let uniform = backend.uniform(&p);
-        let bg = bind_group(
-            backend,
-            &pipeline,
+        let bindings = [
+            (0, &uniform),
+            (9, k_new.buffer),
+            (10, v_new.buffer),
+            (12, &self.mean),
+            (13, &self.lens),
+            (14, &self.k),
+            (15, &self.kt),
+            (16, &self.v),
+        ];
+        let groups = (self.shape.batch as u32, 1, 1);
+        backend.record_pass(
+            encoder,
             "sparq_append",
-            &[
-                entry(0, &uniform),
-                entry(9, k_new.buffer),
-                entry(10, v_new.buffer),
-                entry(12, &self.mean),
-                entry(13, &self.lens),
-                entry(14, &self.k),
-                entry(15, &self.kt),
-                entry(16, &self.v),
-            ],
-        );
-        let mut pass = encoder
-            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq_append"), timestamp_writes: None });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(self.shape.batch as u32, 1, 1);
-        drop(pass);
+            KERNELS,
+            self.dtype,
+            &[Dispatch { entry: "sparq_append", bindings: &bindings, groups }],
+        )?;
         for l in &mut self.host_lens {
             *l += 1;
         }
@@ -368,17 +315,17 @@ pub fn sparq(
         ("q_heads", select_x),
         ("batch", s.batch),
     ])?;
-    u32_of(plan.words, "workspace")?;
-    u32_of(q.offset as usize + params.q_len(), "q")?;
-    u32_of(out.offset as usize + params.o_len(), "out")?;
+    index_u32(plan.words, "workspace")?;
+    index_u32(q.offset as usize + params.q_len(), "q")?;
+    index_u32(out.offset as usize + params.o_len(), "out")?;
 
     let p = Params {
-        q_off: u32_of(q.offset as usize, "q")?,
-        o_off: u32_of(out.offset as usize, "out")?,
-        q_sb: u32_of(params.q_strides[0], "q_strides")?,
-        q_sh: u32_of(params.q_strides[1], "q_strides")?,
-        o_sb: u32_of(params.o_strides[0], "o_strides")?,
-        o_sh: u32_of(params.o_strides[1], "o_strides")?,
+        q_off: index_u32(q.offset as usize, "q")?,
+        o_off: index_u32(out.offset as usize, "out")?,
+        q_sb: index_u32(params.q_strides[0], "q_strides")?,
+        q_sh: index_u32(params.q_strides[1], "q_strides")?,
+        o_sb: index_u32(params.o_strides[0], "o_strides")?,
+        o_sh: index_u32(params.o_strides[1], "o_strides")?,
         batch: s.batch as u32,
         q_heads: params.q_heads as u32,
         kv_heads: s.kv_heads as u32,
@@ -409,52 +356,22 @@ pub fn sparq(
     };
 
     let uniform = backend.uniform(&p);
-    let scores = backend.pipeline(FILE, SOURCE, "sparq_scores", dtype)?;
-    let select = backend.pipeline(FILE, SOURCE, "sparq_select", dtype)?;
-    let gather = backend.pipeline(FILE, SOURCE, "sparq_gather", dtype)?;
-    let merge = backend.pipeline(FILE, SOURCE, "sparq_merge", dtype)?;
     let ws = workspace.buffer();
-    let bg_scores = bind_group(
-        backend,
-        &scores,
-        "sparq_scores",
-        &[entry(0, &uniform), entry(1, q.buffer), entry(2, &cache.kt), entry(6, &cache.lens), entry(7, ws)],
-    );
-    let bg_select =
-        bind_group(backend, &select, "sparq_select", &[entry(0, &uniform), entry(6, &cache.lens), entry(7, ws)]);
-    let bg_gather = bind_group(
-        backend,
-        &gather,
-        "sparq_gather",
-        &[
-            entry(0, &uniform),
-            entry(1, q.buffer),
-            entry(3, &cache.k),
-            entry(4, &cache.v),
-            entry(6, &cache.lens),
-            entry(7, ws),
-        ],
-    );
-    let bg_merge = bind_group(
-        backend,
-        &merge,
-        "sparq_merge",
-        &[entry(0, &uniform), entry(5, &cache.mean), entry(6, &cache.lens), entry(7, ws), entry(8, out.buffer)],
-    );
+    let scores = [(0, &uniform), (1, q.buffer), (2, &cache.kt), (6, &cache.lens), (7, ws)];
+    let select = [(0, &uniform), (6, &cache.lens), (7, ws)];
+    let gather = [(0, &uniform), (1, q.buffer), (3, &cache.k), (4, &cache.v), (6, &cache.lens), (7, ws)];
+    let merge = [(0, &uniform), (5, &cache.mean), (6, &cache.lens), (7, ws), (8, out.buffer)];
     let (b, y) = (s.batch as u32, groups_y as u32);
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("sparq"), timestamp_writes: None });
-    pass.set_pipeline(&scores);
-    pass.set_bind_group(0, &bg_scores, &[]);
-    pass.dispatch_workgroups(plan.score_splits as u32, y, b);
-    pass.set_pipeline(&select);
-    pass.set_bind_group(0, &bg_select, &[]);
-    pass.dispatch_workgroups(select_x as u32, b, 1);
-    pass.set_pipeline(&gather);
-    pass.set_bind_group(0, &bg_gather, &[]);
-    pass.dispatch_workgroups(plan.gather_splits as u32, y, b);
-    pass.set_pipeline(&merge);
-    pass.set_bind_group(0, &bg_merge, &[]);
-    pass.dispatch_workgroups(params.q_heads as u32, b, 1);
-    Ok(())
+    backend.record_pass(
+        encoder,
+        "sparq",
+        KERNELS,
+        dtype,
+        &[
+            Dispatch { entry: "sparq_scores", bindings: &scores, groups: (plan.score_splits as u32, y, b) },
+            Dispatch { entry: "sparq_select", bindings: &select, groups: (select_x as u32, b, 1) },
+            Dispatch { entry: "sparq_gather", bindings: &gather, groups: (plan.gather_splits as u32, y, b) },
+            Dispatch { entry: "sparq_merge", bindings: &merge, groups: (params.q_heads as u32, b, 1) },
+        ],
+    )
 }

@@ -1,12 +1,11 @@
 //! WGSL launcher for top-k (`kernels-wgsl/topk.wgsl`).
 
 use super::TopkParams;
-use crate::backend::wgpu::{check_distinct_buffers, WgpuBackend, WgpuTensor};
+use crate::backend::wgpu::{check_distinct_buffers, index_u32, Dispatch, WgpuBackend, WgpuTensor, WgslFile};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-const FILE: &str = "topk.wgsl";
-const SOURCE: &str = include_str!("../../kernels-wgsl/topk.wgsl");
+const KERNELS: WgslFile = WgslFile { name: "topk.wgsl", source: include_str!("../../kernels-wgsl/topk.wgsl") };
 
 /// Mirrors `struct Params` of topk.wgsl.
 #[repr(C)]
@@ -45,9 +44,7 @@ pub fn topk(
         ("values", values.buffer, true),
     ])?;
     backend.check_workgroups(&[("rows", params.rows)])?;
-    let u = |v: usize, arg: &str| -> Result<u32> {
-        u32::try_from(v).map_err(|_| Error::invalid(arg, format!("{v} does not fit the kernel's 32-bit indices")))
-    };
+    let u = index_u32::<usize>;
     u(x.offset as usize + params.x_len(), "x")?;
     u(indices.offset as usize + params.out_len(), "indices")?;
     u(values.offset as usize + params.out_len(), "values")?;
@@ -62,21 +59,7 @@ pub fn topk(
         pad: 0,
     };
     let uniform = backend.uniform(&p);
-    let pipeline = backend.pipeline(FILE, SOURCE, "topk_row", dtype)?;
-    let bind = backend.device().create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("topk_row"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: x.buffer.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: indices.buffer.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 3, resource: values.buffer.as_entire_binding() },
-        ],
-    });
-    let mut pass =
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("topk"), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    pass.dispatch_workgroups(params.rows as u32, 1, 1);
-    Ok(())
+    let bindings = [(0, &uniform), (1, x.buffer), (2, indices.buffer), (3, values.buffer)];
+    let groups = (params.rows as u32, 1, 1);
+    backend.record_pass(encoder, "topk", KERNELS, dtype, &[Dispatch { entry: "topk_row", bindings: &bindings, groups }])
 }
