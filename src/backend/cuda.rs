@@ -200,3 +200,8 @@ impl CudaWorkspace {
         ptr
     }
 }
+
+/// Maps a failed launch of kernel `name` to an `Err` that names it.
+pub(crate) fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::device(NAME, format!("launching {name}: {e}"))
+}

@@ -6,9 +6,9 @@
 //! writes must not overlap any other argument in memory.
 
 use super::{check_lens, check_no_alias, BlockParams, BlockShape, Mask};
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{launch_err, CudaBackend};
 use crate::dtype::{DType, Element};
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Mirrors `struct BwParams` of blockwise.cu (144 bytes).
@@ -260,10 +260,6 @@ fn check_grid(dims: [(usize, &'static str); 2]) -> Result<()> {
 
 fn flat_grid(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).max(1) as u32
-}
-
-fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::device("cuda", format!("launching {name}: {e}"))
 }
 
 /// Records the forward of one (Q block, KV block) pair into f32 `o`

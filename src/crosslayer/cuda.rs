@@ -1,10 +1,10 @@
 //! CUDA launchers for cross-layer attention and slot writes (`kernels-cuda/crosslayer.cu`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::cuda::{CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
 use crate::decode::cuda::{launch_split_kv, Keys, SlotKeyParams};
 use crate::dtype::{DType, Element};
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Mirrors `struct XlAttnParams` of crosslayer.cu (128 bytes).
@@ -138,7 +138,7 @@ pub fn attend<T: Element>(
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             })
-            .map_err(|e| Error::device("cuda", format!("launching {name}: {e}")))?;
+            .map_err(launch_err(name))?;
     }
     Ok(())
 }
@@ -192,7 +192,7 @@ pub fn write<T: Element>(
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             })
-            .map_err(|e| Error::device("cuda", format!("launching {name}: {e}")))?;
+            .map_err(launch_err(name))?;
     }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! CUDA launchers for dense decode (`kernels-cuda/decode.cu`).
 
 use super::{BufferLens, DecodeParams};
-use crate::backend::cuda::{CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Mirrors `struct DecodeParams` of decode.cu (112 bytes).
@@ -169,7 +169,6 @@ pub(crate) fn launch_split_kv<T: Element>(
         scale: params.scale,
     };
     let grid_y = (s.kv_heads * plan.head_chunks) as u32;
-    let launch_err = |e| Error::device("cuda", format!("launching {partial_name}/{merge_name}: {e}"));
     let partial_cfg = LaunchConfig {
         grid_dim: (plan.num_splits as u32, grid_y, s.batch as u32),
         block_dim: (BLOCK, 1, 1),
@@ -204,8 +203,8 @@ pub(crate) fn launch_split_kv<T: Element>(
     // caller, the kernels index only inside those extents, the arguments match
     // the kernels' signatures above, and KernelParams/SlotKeyParams match the ABI.
     unsafe {
-        pb.launch(partial_cfg).map_err(launch_err)?;
-        mb.launch(merge_cfg).map_err(launch_err)?;
+        pb.launch(partial_cfg).map_err(launch_err(partial_name))?;
+        mb.launch(merge_cfg).map_err(launch_err(merge_name))?;
     }
     Ok(())
 }

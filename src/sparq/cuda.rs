@@ -3,7 +3,7 @@
 //! merge, recorded on one stream over the caller's workspace).
 
 use super::{GqaMode, SparqCacheShape, SparqParams};
-use crate::backend::cuda::{CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -106,10 +106,6 @@ fn names(dtype: DType) -> Names {
 }
 
 const SELECT: &str = "sparq_select";
-
-fn launch_error(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::device("cuda", format!("launching {name}: {e}"))
-}
 
 fn launch_cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 }
@@ -254,7 +250,7 @@ impl<T: Element> SparqCache<T> {
                     .arg(&lens_ptr)
                     .arg(&kp)
                     .launch(launch_cfg(grid, (FILL_TILE, FILL_ROWS, 1)))
-                    .map_err(launch_error(nm.fill))?;
+                    .map_err(launch_err(nm.fill))?;
             }
             stream
                 .launch_builder(&mean)
@@ -263,7 +259,7 @@ impl<T: Element> SparqCache<T> {
                 .arg(&lens_ptr)
                 .arg(&kp)
                 .launch(launch_cfg((s.kv_heads as u32, s.batch as u32, 1), (MEAN_THREADS, 1, 1)))
-                .map_err(launch_error(nm.fill_mean))?;
+                .map_err(launch_err(nm.fill_mean))?;
         }
         self.host_lens.copy_from_slice(seq_lens);
         Ok(())
@@ -308,7 +304,7 @@ impl<T: Element> SparqCache<T> {
                 .arg(&lens_ptr)
                 .arg(&kp)
                 .launch(launch_cfg((self.shape.batch as u32, 1, 1), (APPEND_THREADS, 1, 1)))
-                .map_err(launch_error(nm.append))?;
+                .map_err(launch_err(nm.append))?;
         }
         for l in &mut self.host_lens {
             *l += 1;
@@ -416,14 +412,14 @@ pub fn sparq<T: Element>(
             .arg(ws)
             .arg(&kp)
             .launch(launch_cfg((score_x, heads_y, b), (SCORE_THREADS, 1, 1)))
-            .map_err(launch_error(scores_name))?;
+            .map_err(launch_err(scores_name))?;
         stream
             .launch_builder(&select)
             .arg(&lens_ptr)
             .arg(ws)
             .arg(&kp)
             .launch(launch_cfg((select_x, b, 1), (SELECT_THREADS, 1, 1)))
-            .map_err(launch_error(SELECT))?;
+            .map_err(launch_err(SELECT))?;
         stream
             .launch_builder(&gather)
             .arg(&q_ptr)
@@ -433,7 +429,7 @@ pub fn sparq<T: Element>(
             .arg(ws)
             .arg(&kp)
             .launch(launch_cfg((gather_x, heads_y, b), (GATHER_THREADS, 1, 1)))
-            .map_err(launch_error(gather_name))?;
+            .map_err(launch_err(gather_name))?;
         stream
             .launch_builder(&merge)
             .arg(ws)
@@ -442,7 +438,7 @@ pub fn sparq<T: Element>(
             .arg(&o_ptr)
             .arg(&kp)
             .launch(launch_cfg((params.q_heads as u32, b, 1), (MERGE_THREADS, 1, 1)))
-            .map_err(launch_error(nm.merge))?;
+            .map_err(launch_err(nm.merge))?;
     }
     Ok(())
 }

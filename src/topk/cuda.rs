@@ -1,9 +1,9 @@
 //! CUDA launcher for top-k (`kernels-cuda/topk.cu`).
 
 use super::TopkParams;
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{launch_err, CudaBackend};
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 /// Mirrors `struct TopkParams` of topk.cu (24 bytes).
@@ -63,7 +63,7 @@ pub fn topk<T: Element>(
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             })
-            .map_err(|e| Error::device("cuda", format!("launching {name}: {e}")))?;
+            .map_err(launch_err(name))?;
     }
     Ok(())
 }
