@@ -1,6 +1,8 @@
 // Flash-decoding (split-KV) templates: one query token per (sequence, query
 // head) against an interval of key positions, shared by dense decode
-// (decode.cu) and the decode form of cross-layer attention (crosslayer.cu).
+// (decode.cu) and the decode form of cross-layer attention (crosslayer.cu);
+// SparQ's gather (sparq.cu) reuses the row-group pieces (stage_q,
+// convert_group, attend_group, stash_warp_state, combine_warps).
 //
 //   partial_impl: grid (num_splits, kv_heads * head_chunks, batch), block 128.
 //     One block = one KV split x one kv head x up to 8 of its query heads, so
@@ -80,6 +82,176 @@ struct DenseKeys {
     }
 };
 
+// ---------------------------------------------------------------------------
+// One query token per head against groups of U K/V rows, spread over a
+// block's warps: the pieces partial_impl shares with SparQ's gather
+// (sparq.cu), which attends over a gathered list of rows the same way.
+// Lane `lane` owns elements d = pass * 32 * VEC + lane * VEC + e of a row;
+// its PER = NPASS * VEC elements are numbered x = pass * VEC + e in every
+// per-lane array.
+
+// Stages up to H query heads (head i at q_head0 + i * q_stride_h) in shared
+// memory as [head][x / 4][lane][x % 4] (conflict-free float4 reads),
+// pre-scaled, zero outside head_dim and for heads at or past nh (>= 1), so
+// padding adds nothing to the dot products. Warp w stages heads w, w + WARPS,
+// ...; the caller synchronizes.
+template <typename A, int WARPS, int H, int Q4, int NPASS, typename T>
+__device__ __forceinline__ void stage_q(float (&sh_q)[H][Q4][kWarpSize][4], const T* q_head0, long long q_stride_h,
+                                        int nh, const bool (&dvalid)[NPASS], float scale, int warp, int lane) {
+    constexpr int VEC = A::VEC;
+    static_assert(Q4 * 4 == NPASS * VEC, "q is staged as float4 per lane");
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        if (i % WARPS != warp) continue;
+        const T* qh = q_head0 + static_cast<long long>(min(i, nh - 1)) * q_stride_h + lane * VEC;
+#pragma unroll
+        for (int ps = 0; ps < NPASS; ++ps) {
+            float f[VEC];
+            A::convert((i < nh && dvalid[ps]) ? A::load(qh + ps * kWarpSize * VEC) : A::zero(), f);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                const int x = ps * VEC + e;
+                sh_q[i][x / 4][lane][x % 4] = f[e] * scale;
+            }
+        }
+    }
+}
+
+// A group's raw loads (all issued before any conversion) as f32.
+template <typename A, int U, int NPASS, int PER>
+__device__ __forceinline__ void convert_group(const typename A::Raw (&kr)[U][NPASS],
+                                              const typename A::Raw (&vr)[U][NPASS], float (&kf)[U][PER],
+                                              float (&vf)[U][PER]) {
+    constexpr int VEC = A::VEC;
+    static_assert(PER == NPASS * VEC, "PER = NPASS * VEC");
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int ps = 0; ps < NPASS; ++ps) {
+            float fk[VEC], fv[VEC];
+            A::convert(kr[u][ps], fk);
+            A::convert(vr[u][ps], fv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                kf[u][ps * VEC + e] = fk[e];
+                vf[u][ps * VEC + e] = fv[e];
+            }
+        }
+    }
+}
+
+// One head's online-softmax state (m, l, acc) updated with a group of U rows
+// (this lane's elements kf, vf of each; rows at or past nvalid are masked),
+// against the head's staged q (q4 = sh_q[head]). One rescale per group.
+template <int U, int Q4, int PER>
+__device__ __forceinline__ void attend_group(const float (&q4)[Q4][kWarpSize][4], const float (&kf)[U][PER],
+                                             const float (&vf)[U][PER], int nvalid, int lane, float& m, float& l,
+                                             float (&acc)[PER]) {
+    constexpr int LOG2U = ilog2(U);
+    static_assert(Q4 * 4 == PER, "q is staged as float4 per lane");
+    float qv[PER];
+#pragma unroll
+    for (int x4 = 0; x4 < Q4; ++x4) {
+        const float4 t = *reinterpret_cast<const float4*>(&q4[x4][lane][0]);
+        qv[4 * x4 + 0] = t.x;
+        qv[4 * x4 + 1] = t.y;
+        qv[4 * x4 + 2] = t.z;
+        qv[4 * x4 + 3] = t.w;
+    }
+    float part[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        float d = 0.f;
+#pragma unroll
+        for (int x = 0; x < PER; ++x) d = fmaf(qv[x], kf[u][x], d);
+        part[u] = d;
+    }
+    // After warp_transpose_sum, this lane holds the score of row my_u of the group.
+    float s = warp_transpose_sum<U>(part, lane);
+    const int my_u = lane >> (5 - LOG2U);
+    if (my_u >= nvalid) s = neg_inf();  // row beyond the split / list
+
+    // Max over the group's rows: they differ only in the top LOG2U lane bits.
+    float gmax = s;
+#pragma unroll
+    for (int off = kWarpSize / 2; off >= kWarpSize / U; off >>= 1)
+        gmax = fmaxf(gmax, __shfl_xor_sync(kFullMask, gmax, off));
+
+    // While everything seen is -inf, use 0 as the reference so no -inf - -inf:
+    // alpha = 0 (acc, l are 0), p = 0.
+    const float m_new = fmaxf(m, gmax);
+    const float m_ref = (m_new == neg_inf()) ? 0.f : m_new;
+    const float alpha = __expf(m - m_ref);
+    const float pme = __expf(s - m_ref);
+    m = m_new;
+
+    float pu[U];
+    float psum = 0.f;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        pu[u] = __shfl_sync(kFullMask, pme, u << (5 - LOG2U));
+        psum += pu[u];
+    }
+    l = fmaf(l, alpha, psum);
+#pragma unroll
+    for (int x = 0; x < PER; ++x) {
+        float a = acc[x] * alpha;
+#pragma unroll
+        for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][x], a);
+        acc[x] = a;
+    }
+}
+
+// Each warp's (m, l, acc) of heads below nh into shared memory, then a block
+// barrier, for combine_warps. A warp that saw no row holds (-inf, 0, 0).
+template <int WARPS, int H, int MAXD, int PER, int NPASS>
+__device__ __forceinline__ void stash_warp_state(float (&sh_acc)[WARPS][H][MAXD], float (&sh_m)[WARPS][H],
+                                                 float (&sh_l)[WARPS][H], const float (&acc)[H][PER],
+                                                 const float (&m)[H], const float (&l)[H], int nh,
+                                                 const bool (&dvalid)[NPASS], int warp, int lane) {
+    constexpr int VEC = PER / NPASS;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        if (i < nh) {
+#pragma unroll
+            for (int ps = 0; ps < NPASS; ++ps) {
+                if (dvalid[ps]) {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e)
+                        sh_acc[warp][i][ps * kWarpSize * VEC + lane * VEC + e] = acc[i][ps * VEC + e];
+                }
+            }
+            if (lane == 0) {
+                sh_m[warp][i] = m[i];
+                sh_l[warp][i] = l[i];
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Head i's state over all warps; the block writes the normalized output
+// out[0..head_dim) (threads tid, tid + THREADS, ...). A warp that saw no
+// row gets weight 0.
+template <int THREADS, int WARPS, int H, int MAXD>
+__device__ __forceinline__ SoftmaxState combine_warps(const float (&sh_acc)[WARPS][H][MAXD],
+                                                      const float (&sh_m)[WARPS][H], const float (&sh_l)[WARPS][H],
+                                                      int i, float* __restrict__ out, int head_dim, int tid) {
+    SoftmaxState st = SoftmaxState::empty();
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) st.merge(sh_m[w][i], sh_l[w][i]);
+    float wt[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) wt[w] = st.weight(sh_m[w][i]);
+    for (int d = tid; d < head_dim; d += THREADS) {
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) o = fmaf(wt[w], sh_acc[w][i][d], o);
+        out[d] = o / st.l;
+    }
+    return st;
+}
+
 // Lane `lane` owns elements d = pass * 32 * VEC + lane * VEC + e, e < VEC.
 // head_dim % VEC == 0 (vector path) or VEC == 1, so a lane's VEC elements
 // are either all inside the row or all outside it. The lane's PER = NPASS*VEC
@@ -137,23 +309,8 @@ __device__ __forceinline__ void partial_impl(const T* __restrict__ q, const T* _
 #pragma unroll
     for (int ps = 0; ps < NPASS; ++ps) dvalid[ps] = ps * kWarpSize * VEC + lane * VEC < head_dim;
 
-    // Stage q, pre-scaled; zero outside head_dim (and for unused heads) so
-    // padding adds nothing to the dot products. Warp w stages heads w, w+4.
-#pragma unroll
-    for (int i = 0; i < kHeads; ++i) {
-        if (i % kWarps != warp) continue;
-        const T* qh = q + b * p.q_stride_b + static_cast<long long>(h0 + i) * p.q_stride_h + lane * VEC;
-#pragma unroll
-        for (int ps = 0; ps < NPASS; ++ps) {
-            float f[VEC];
-            A::convert((i < nh && dvalid[ps]) ? A::load(qh + ps * kWarpSize * VEC) : A::zero(), f);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                const int x = ps * VEC + e;
-                sh_q[i][x / 4][lane][x % 4] = f[e] * p.scale;
-            }
-        }
-    }
+    stage_q<A, kWarps>(sh_q, q + b * p.q_stride_b + static_cast<long long>(h0) * p.q_stride_h, p.q_stride_h, nh,
+                       dvalid, p.scale, warp, lane);
     __syncthreads();
 
     float acc[kHeads][PER];
@@ -190,8 +347,6 @@ __device__ __forceinline__ void partial_impl(const T* __restrict__ q, const T* _
         }
     };
 
-    // After warp_transpose_sum, this lane holds the score of key my_u of the group.
-    const int my_u = lane >> (5 - LOG2U);
     // Warps take interleaved groups of U keys, so the block streams the split
     // front to back. The next group's loads are issued before this group's
     // math, so each warp keeps a group of K/V in flight while it computes.
@@ -201,116 +356,21 @@ __device__ __forceinline__ void partial_impl(const T* __restrict__ q, const T* _
         const long long nvalid = min(static_cast<long long>(U), end - key0);  // >= 1
 
         float kf[U][PER], vf[U][PER];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int ps = 0; ps < NPASS; ++ps) {
-                float fk[VEC], fv[VEC];
-                A::convert(kr[u][ps], fk);
-                A::convert(vr[u][ps], fv);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    kf[u][ps * VEC + e] = fk[e];
-                    vf[u][ps * VEC + e] = fv[e];
-                }
-            }
-        }
+        convert_group<A>(kr, vr, kf, vf);
         load_group(key0 + kStep);
 
 #pragma unroll
-        for (int i = 0; i < kHeads; ++i) {
-            if (i < nh) {  // block-uniform branch
-                float qv[PER];
-#pragma unroll
-                for (int x4 = 0; x4 < PER / 4; ++x4) {
-                    const float4 t = *reinterpret_cast<const float4*>(&sh_q[i][x4][lane][0]);
-                    qv[4 * x4 + 0] = t.x;
-                    qv[4 * x4 + 1] = t.y;
-                    qv[4 * x4 + 2] = t.z;
-                    qv[4 * x4 + 3] = t.w;
-                }
-                float part[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int x = 0; x < PER; ++x) d = fmaf(qv[x], kf[u][x], d);
-                    part[u] = d;
-                }
-                float s = warp_transpose_sum<U>(part, lane);
-                if (my_u >= nvalid) s = neg_inf();  // key beyond the split / sequence
-
-                // Max over the group's keys: they differ only in the top LOG2U lane bits.
-                float gmax = s;
-#pragma unroll
-                for (int off = kWarpSize / 2; off >= kWarpSize / U; off >>= 1)
-                    gmax = fmaxf(gmax, __shfl_xor_sync(kFullMask, gmax, off));
-
-                // One rescale per group. While everything seen is -inf, use 0 as
-                // the reference so no -inf - -inf: alpha = 0 (acc, l are 0), p = 0.
-                const float m_new = fmaxf(m[i], gmax);
-                const float m_ref = (m_new == neg_inf()) ? 0.f : m_new;
-                const float alpha = __expf(m[i] - m_ref);
-                const float pme = __expf(s - m_ref);
-                m[i] = m_new;
-
-                float pu[U];
-                float psum = 0.f;
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    pu[u] = __shfl_sync(kFullMask, pme, u << (5 - LOG2U));
-                    psum += pu[u];
-                }
-                l[i] = fmaf(l[i], alpha, psum);
-#pragma unroll
-                for (int x = 0; x < PER; ++x) {
-                    float a = acc[i][x] * alpha;
-#pragma unroll
-                    for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][x], a);
-                    acc[i][x] = a;
-                }
-            }
-        }
+        for (int i = 0; i < kHeads; ++i)  // `i < nh` is block-uniform
+            if (i < nh) attend_group(sh_q[i], kf, vf, static_cast<int>(nvalid), lane, m[i], l[i], acc[i]);
     }
 
-    // Combine the 4 warps' states per head. A warp that saw no key has
-    // (m, l, acc) = (-inf, 0, 0) and gets weight 0.
-#pragma unroll
-    for (int i = 0; i < kHeads; ++i) {
-        if (i < nh) {
-#pragma unroll
-            for (int ps = 0; ps < NPASS; ++ps) {
-                if (dvalid[ps]) {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e)
-                        sh_acc[warp][i][ps * kWarpSize * VEC + lane * VEC + e] = acc[i][ps * VEC + e];
-                }
-            }
-            if (lane == 0) {
-                sh_m[warp][i] = m[i];
-                sh_l[warp][i] = l[i];
-            }
-        }
-    }
-    __syncthreads();
-
+    // Combine the 4 warps' states per head.
+    stash_warp_state(sh_acc, sh_m, sh_l, acc, m, l, nh, dvalid, warp, lane);
     for (int i = 0; i < nh; ++i) {
-        SoftmaxState st = SoftmaxState::empty();
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) st.merge(sh_m[w][i], sh_l[w][i]);
-        float wt[kWarps];
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) wt[w] = st.weight(sh_m[w][i]);
-
         // Every active split has >= 1 key, so l >= 1 unless inputs are non-finite.
         const size_t row = (static_cast<size_t>(b) * p.q_heads + (h0 + i)) * p.num_splits + split;
-        float* out = part_o + row * head_dim;
-        for (int d = threadIdx.x; d < head_dim; d += kThreads) {
-            float o = 0.f;
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) o = fmaf(wt[w], sh_acc[w][i][d], o);
-            out[d] = o / st.l;
-        }
+        const SoftmaxState st =
+            combine_warps<kThreads>(sh_acc, sh_m, sh_l, i, part_o + row * head_dim, head_dim, threadIdx.x);
         if (threadIdx.x == 0) part_lse[row] = st.lse();
     }
 }

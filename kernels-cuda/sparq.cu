@@ -39,6 +39,7 @@
 // only writer of the lengths) produce NaN outputs instead of out-of-bounds
 // accesses. All cache and workspace offsets are 64-bit.
 #include "common.cuh"
+#include "decode.cuh"  // the per-warp row-group attention that the gather shares with decode
 
 namespace frugal {
 namespace sparq {
@@ -633,32 +634,14 @@ constexpr int kGatherThreads = 128;  // blockDim = (128, 1, 1) is compiled in
 constexpr int kGatherWarps = kGatherThreads / kWarpSize;
 constexpr int kMaxGatherChunk = 256;  // >= SparqPlan::gather_chunk (checked by the launcher)
 
-// How a lane reads its VEC consecutive elements of a K/V row.
-template <typename T, bool VECTOR> struct RowAccess;
-
-template <typename T> struct RowAccess<T, true> {  // 8-byte loads, needs alignment
-    static constexpr int VEC = Vec8<T>::VEC;
-    using Raw = uint2;
-    __device__ __forceinline__ static Raw zero() { return make_uint2(0u, 0u); }
-    __device__ __forceinline__ static Raw load(const T* p) { return load_raw8(p); }
-    __device__ __forceinline__ static void convert(Raw r, float (&f)[VEC]) { convert_raw8<T>(r, f); }
-};
-
-template <typename T> struct RowAccess<T, false> {  // one element, any alignment
-    static constexpr int VEC = 1;
-    using Raw = float;
-    __device__ __forceinline__ static Raw zero() { return 0.f; }
-    __device__ __forceinline__ static Raw load(const T* p) { return load_f32(p); }
-    __device__ __forceinline__ static void convert(Raw r, float (&f)[VEC]) { f[0] = r; }
-};
-
-// As decode_partial: lane `lane` owns elements d = pass * 32 * VEC + lane * VEC + e;
+// decode.cuh's partial_impl over the gathered rows (its row-group pieces and
+// lane layout): lane `lane` owns elements d = pass * 32 * VEC + lane * VEC + e;
 // its PER = NPASS * VEC elements are numbered x = pass * VEC + e.
 template <typename T, int MAXD, bool VECTOR>
 __device__ __forceinline__ void gather_impl(const T* __restrict__ q, const T* __restrict__ kc,
                                             const T* __restrict__ vc, const unsigned* __restrict__ lens,
                                             float* __restrict__ ws, const StepParams& p) {
-    using A = RowAccess<T, VECTOR>;
+    using A = decode::RowAccess<T, VECTOR>;
     using Raw = typename A::Raw;
     constexpr int VEC = A::VEC;
     constexpr int NPASS = MAXD / (kWarpSize * VEC);
@@ -666,7 +649,6 @@ __device__ __forceinline__ void gather_impl(const T* __restrict__ q, const T* __
     constexpr int PER = NPASS * VEC;
     static_assert(PER % 4 == 0, "q is read from shared memory as float4");
     constexpr int U = (PER <= 4) ? 4 : 2;  // rows per group
-    constexpr int LOG2U = ilog2(U);
 
     __shared__ __align__(16) float sh_q[kHeads][PER / 4][kWarpSize][4];
     __shared__ float sh_acc[kGatherWarps][kHeads][MAXD];
@@ -713,22 +695,8 @@ __device__ __forceinline__ void gather_impl(const T* __restrict__ q, const T* __
 #pragma unroll
     for (int ps = 0; ps < NPASS; ++ps) dvalid[ps] = ps * kWarpSize * VEC + lane * VEC < D;
 
-    // Stage q pre-scaled, zero outside head_dim and for unused heads.
-#pragma unroll
-    for (int i = 0; i < kHeads; ++i) {
-        if (i % kGatherWarps != warp) continue;
-        const T* qh = q + b * p.q_stride_b + static_cast<long long>(h0 + min(i, nh - 1)) * p.q_stride_h + lane * VEC;
-#pragma unroll
-        for (int ps = 0; ps < NPASS; ++ps) {
-            float f[VEC];
-            A::convert((i < nh && dvalid[ps]) ? A::load(qh + ps * kWarpSize * VEC) : A::zero(), f);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                const int xx = ps * VEC + e;
-                sh_q[i][xx / 4][lane][xx % 4] = f[e] * p.scale;
-            }
-        }
-    }
+    decode::stage_q<A, kGatherWarps>(sh_q, q + b * p.q_stride_b + static_cast<long long>(h0) * p.q_stride_h,
+                                     p.q_stride_h, nh, dvalid, p.scale, warp, lane);
     __syncthreads();
 
     float acc[kHeads][PER];
@@ -763,80 +731,18 @@ __device__ __forceinline__ void gather_impl(const T* __restrict__ q, const T* __
         }
     };
 
-    const int my_u = lane >> (5 - LOG2U);
     constexpr int kStep = kGatherWarps * U;
     load_group(warp * U);
     for (int e0 = warp * U; e0 < cnt; e0 += kStep) {
         const int nvalid = min(U, cnt - e0);  // >= 1
 
         float kf[U][PER], vf[U][PER];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int ps = 0; ps < NPASS; ++ps) {
-                float fk[VEC], fv[VEC];
-                A::convert(kr[u][ps], fk);
-                A::convert(vr[u][ps], fv);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    kf[u][ps * VEC + e] = fk[e];
-                    vf[u][ps * VEC + e] = fv[e];
-                }
-            }
-        }
+        decode::convert_group<A>(kr, vr, kf, vf);
         load_group(e0 + kStep);
 
 #pragma unroll
-        for (int i = 0; i < kHeads; ++i) {
-            if (i < nh) {  // block-uniform
-                float qv[PER];
-#pragma unroll
-                for (int x4 = 0; x4 < PER / 4; ++x4) {
-                    const float4 t = *reinterpret_cast<const float4*>(&sh_q[i][x4][lane][0]);
-                    qv[4 * x4 + 0] = t.x;
-                    qv[4 * x4 + 1] = t.y;
-                    qv[4 * x4 + 2] = t.z;
-                    qv[4 * x4 + 3] = t.w;
-                }
-                float part[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int xx = 0; xx < PER; ++xx) d = fmaf(qv[xx], kf[u][xx], d);
-                    part[u] = d;
-                }
-                float s = warp_transpose_sum<U>(part, lane);
-                if (my_u >= nvalid) s = neg_inf();
-
-                float gmax = s;
-#pragma unroll
-                for (int off = kWarpSize / 2; off >= kWarpSize / U; off >>= 1)
-                    gmax = fmaxf(gmax, __shfl_xor_sync(kFullMask, gmax, off));
-
-                const float m_new = fmaxf(m[i], gmax);
-                const float m_ref = (m_new == neg_inf()) ? 0.f : m_new;
-                const float alpha = __expf(m[i] - m_ref);
-                const float pme = __expf(s - m_ref);
-                m[i] = m_new;
-
-                float pu[U];
-                float psum = 0.f;
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    pu[u] = __shfl_sync(kFullMask, pme, u << (5 - LOG2U));
-                    psum += pu[u];
-                }
-                l[i] = fmaf(l[i], alpha, psum);
-#pragma unroll
-                for (int xx = 0; xx < PER; ++xx) {
-                    float a = acc[i][xx] * alpha;
-#pragma unroll
-                    for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][xx], a);
-                    acc[i][xx] = a;
-                }
-            }
-        }
+        for (int i = 0; i < kHeads; ++i)  // `i < nh` is block-uniform
+            if (i < nh) decode::attend_group(sh_q[i], kf, vf, nvalid, lane, m[i], l[i], acc[i]);
     }
 
     // Partial alpha per head: sum over the entries of exp(logit - lse); warp w serves heads w, w + 4.
@@ -849,41 +755,11 @@ __device__ __forceinline__ void gather_impl(const T* __restrict__ q, const T* __
         if (lane == 0) sh_alpha[i] = a;
     }
 
-    // Combine the warps' states per head; a warp that saw no row has weight 0.
-#pragma unroll
-    for (int i = 0; i < kHeads; ++i) {
-        if (i < nh) {
-#pragma unroll
-            for (int ps = 0; ps < NPASS; ++ps) {
-                if (dvalid[ps]) {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e)
-                        sh_acc[warp][i][ps * kWarpSize * VEC + lane * VEC + e] = acc[i][ps * VEC + e];
-                }
-            }
-            if (lane == 0) {
-                sh_m[warp][i] = m[i];
-                sh_l[warp][i] = l[i];
-            }
-        }
-    }
-    __syncthreads();
-
+    // Combine the warps' states per head.
+    decode::stash_warp_state(sh_acc, sh_m, sh_l, acc, m, l, nh, dvalid, warp, lane);
     for (int i = 0; i < nh; ++i) {
-        SoftmaxState st = SoftmaxState::empty();
-#pragma unroll
-        for (int w = 0; w < kGatherWarps; ++w) st.merge(sh_m[w][i], sh_l[w][i]);
-        float wt[kGatherWarps];
-#pragma unroll
-        for (int w = 0; w < kGatherWarps; ++w) wt[w] = st.weight(sh_m[w][i]);
-
         float* out = ws + p.partials + ((prow0 + i) * p.gather_splits + split) * hd2;
-        for (int d = tid; d < D; d += kGatherThreads) {
-            float o = 0.f;
-#pragma unroll
-            for (int w = 0; w < kGatherWarps; ++w) o = fmaf(wt[w], sh_acc[w][i][d], o);
-            out[d] = o / st.l;
-        }
+        const SoftmaxState st = decode::combine_warps<kGatherThreads>(sh_acc, sh_m, sh_l, i, out, D, tid);
         if (tid == 0) {
             out[D] = st.lse();
             out[D + 1] = sh_alpha[i];
