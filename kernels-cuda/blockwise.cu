@@ -371,6 +371,28 @@ __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&lo)[4],
     a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// acc += A B for this warp's 16 rows: A is the warp's accumulator tiles `a`
+// (columns 8 n.., as probabilities P or dS), packed to the input dtype 16
+// columns at a time as A fragments; B is a [k][n] shared tile (row stride ST)
+// whose rows are A's columns, read with ldmatrix.trans (matrices: k +0..7
+// n +0..7, k +8..15 n +0..7, k +0..7 n +8..15, k +8..15 n +8..15).
+// O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <typename T, int ST, int NK, int ND>
+__device__ __forceinline__ void acc_times_tile(float (&acc)[ND][4], const float (&a)[NK][4], const T* b, int lane) {
+#pragma unroll
+    for (int kt = 0; kt < NK / 2; ++kt) {
+        unsigned af[4];
+        acc_to_a<T>(af, a[2 * kt], a[2 * kt + 1]);
+#pragma unroll
+        for (int dn = 0; dn < ND / 2; ++dn) {
+            unsigned bf[4];
+            frag_b_kn<ST>(bf, b, kt * 16, dn * 16, lane);
+            mma_16816<T>(acc[2 * dn], af, bf[0], bf[1]);
+            mma_16816<T>(acc[2 * dn + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
 // The two score products of a backward step for this warp's 16 rows: x = A_x
 // B_x^T and y = A_y B_y^T over the head dim (KD k-steps), where the A tiles
 // are stored [row][dim] (rows row0..row0+15) and the B tiles [n][dim] with NN
@@ -620,21 +642,8 @@ __device__ __forceinline__ void forward_mma_impl(const T* __restrict__ q, const 
         online_softmax(s, m, l, alpha);
         rescale_rows(acc, alpha);
 
-        // O += P V: the S accumulators of n-tiles 2 kt and 2 kt + 1 are the A
-        // fragment of keys 16 kt..16 kt + 15; ldmatrix.trans gives V's B fragments
-        // (matrices: keys +0..7 dims +0..7, keys +8..15 dims +0..7, keys +0..7 dims +8..15, +8..15 +8..15).
-#pragma unroll
-        for (int kt = 0; kt < NK / 2; ++kt) {
-            unsigned pa[4];
-            acc_to_a<T>(pa, s[2 * kt], s[2 * kt + 1]);
-#pragma unroll
-            for (int dp = 0; dp < ND / 2; ++dp) {
-                unsigned vf[4];
-                frag_b_kn<ST>(vf, vs, kt * 16, dp * 16, lane);
-                mma_16816<T>(acc[2 * dp], pa, vf[0], vf[1]);
-                mma_16816<T>(acc[2 * dp + 1], pa, vf[2], vf[3]);
-            }
-        }
+        // O += P V (P: the S accumulators, kept in registers).
+        acc_times_tile<T, ST>(acc, s, vs, lane);
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
@@ -1475,23 +1484,9 @@ __device__ __forceinline__ void dkv_mma_impl(const T* __restrict__ q, const T* _
         const bool need_mask = (j0 + BKV > p.kv_len) || (p.causal && p.k0 + j0 + BKV - 1 > p.q0 + i0);
         dkv_probs(s, ds, warp * 16 + grp, tig, nk, i0, j0, need_mask, l2s, dls, sl2, p);
 
-        // dV += P^T dO, dK += dS^T Q over the step's queries, 16 at a time.
-#pragma unroll
-        for (int kt = 0; kt < NQ / 2; ++kt) {
-            unsigned pa[4], dsa[4];
-            acc_to_a<T>(pa, s[2 * kt], s[2 * kt + 1]);
-            acc_to_a<T>(dsa, ds[2 * kt], ds[2 * kt + 1]);
-#pragma unroll
-            for (int dn = 0; dn < ND / 2; ++dn) {
-                unsigned ob[4], qb[4];
-                frag_b_kn<ST>(ob, dos, kt * 16, dn * 16, lane);
-                frag_b_kn<ST>(qb, qs, kt * 16, dn * 16, lane);
-                mma_16816<T>(dv_acc[2 * dn], pa, ob[0], ob[1]);
-                mma_16816<T>(dv_acc[2 * dn + 1], pa, ob[2], ob[3]);
-                mma_16816<T>(dk_acc[2 * dn], dsa, qb[0], qb[1]);
-                mma_16816<T>(dk_acc[2 * dn + 1], dsa, qb[2], qb[3]);
-            }
-        }
+        // dV += P^T dO, dK += dS^T Q over the step's queries.
+        acc_times_tile<T, ST>(dv_acc, s, dos, lane);
+        acc_times_tile<T, ST>(dk_acc, ds, qs, lane);
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
@@ -1589,19 +1584,8 @@ __device__ __forceinline__ void dq_mma_impl(const T* __restrict__ q, const T* __
         const bool need_mask = (j0 + BK > p.kv_len) || (p.causal && p.k0 + j0 + BK - 1 > p.q0 + i0);
         dq_probs(s, ds, warp * 16 + grp, tig, rows, i0, j0, need_mask, l2, dl, sl2, p);
 
-        // dQ += dS K over the tile's keys, 16 at a time.
-#pragma unroll
-        for (int kt = 0; kt < NK / 2; ++kt) {
-            unsigned dsa[4];
-            acc_to_a<T>(dsa, ds[2 * kt], ds[2 * kt + 1]);
-#pragma unroll
-            for (int dn = 0; dn < ND / 2; ++dn) {
-                unsigned kf[4];
-                frag_b_kn<ST>(kf, ks, kt * 16, dn * 16, lane);
-                mma_16816<T>(acc[2 * dn], dsa, kf[0], kf[1]);
-                mma_16816<T>(acc[2 * dn + 1], dsa, kf[2], kf[3]);
-            }
-        }
+        // dQ += dS K over the tile's keys.
+        acc_times_tile<T, ST>(acc, ds, ks, lane);
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
