@@ -482,8 +482,24 @@ fn aliasing(backend: &Backend) {
                 frugal_attn::blockwise::wgpu::forward(w, &mut enc, &p, DType::F32, t, t, t, at, t, false).unwrap_err();
             assert_eq!(e.argument(), Some("lse"), "{e}");
         }
-        // `&mut` slices cannot alias in safe Rust; the launchers still compare address ranges.
-        Backend::Cuda(_) => {}
+        // Safe Rust cannot alias a `&mut` slice; an engine's own allocations can.
+        Backend::Cuda(c) => {
+            let st = c.stream();
+            let arena = st.alloc_zeros::<f32>(1024).unwrap();
+            // Element offsets into one allocation of q, k, v, o and lse.
+            let launch = |[q, k, v, o, lse]: [usize; 5]| {
+                let a = |off: usize, len: usize| common::CudaAlias::<f32>::of(st, &arena, 4 * off, len);
+                let (q, k, v) = (a(q, p.q_elems()), a(k, p.k_elems()), a(v, p.v_elems()));
+                let (mut o, mut lse) = (a(o, p.shape.o_elems()), a(lse, p.shape.lse_elems()));
+                frugal_attn::blockwise::cuda::forward(c, st, &p, &*q, &*k, &*v, &mut *o, &mut *lse, false)
+            };
+            // q 0..64, k 64..104, v 104..144, o 144..208, lse 208..216: adjacent, not overlapping.
+            launch([0, 64, 104, 144, 208]).unwrap_or_else(|e| panic!("disjoint ranges of one allocation: {e}"));
+            common::assert_refused(launch([0, 64, 104, 80, 208]), "o", "o overlaps k");
+            common::assert_refused(launch([0, 64, 104, 144, 120]), "lse", "lse overlaps v");
+            common::assert_refused(launch([0, 64, 104, 144, 200]), "o", "lse overlaps o");
+            st.synchronize().unwrap();
+        }
     }
 }
 

@@ -468,11 +468,51 @@ fn bad_workspace(backend: &Backend) {
 
 // ------------------------------------------------------------- bad input
 
-/// A written argument (`out`, the workspace, a slot) sharing its wgpu buffer
-/// with another is refused, naming it, in both attention forms and in slot
-/// writes. CPU and CUDA take what they write by `&mut`, so safe Rust already
-/// rules the aliasing out there.
+/// A written argument (`out`, the workspace, a slot) sharing its wgpu buffer,
+/// or on CUDA its device memory, with another is refused, naming it, in both
+/// attention forms and in slot writes. The CPU launchers take what they write
+/// by `&mut`, so safe Rust rules the aliasing out there; on CUDA an engine's
+/// own allocations can alias.
 fn aliasing(backend: &Backend) {
+    if let Backend::Cuda(c) = backend {
+        let st = c.stream();
+        let arena = st.alloc_zeros::<f32>(1024).unwrap();
+        let f32s = |off: usize, len: usize| common::CudaAlias::<f32>::of(st, &arena, 4 * off, len);
+        let u32s = |off: usize, len: usize| common::CudaAlias::<u32>::of(st, &arena, 4 * off, len);
+        for queries in [1, 2] {
+            let p = AttnParams::new(shape(1, queries, 2, 1, 16, 8), MaskMode::Causal);
+            let mut ws = frugal_attn::backend::CudaWorkspace::new(st, p.workspace_bytes()).unwrap();
+            // Element offsets into one allocation of q, k_slot, v_slot, q_pos, kv_lens and out.
+            let mut launch = |[q, k, v, pos, lens, o]: [usize; 6]| {
+                let (q, k, v) = (f32s(q, p.q_len()), f32s(k, p.k_len()), f32s(v, p.v_len()));
+                let (pos, lens, mut o) = (u32s(pos, 1), u32s(lens, 1), f32s(o, p.o_len()));
+                frugal_attn::crosslayer::cuda::attend(c, st, &p, &*q, &*k, &*v, &*pos, &*lens, &mut *o, &mut ws)
+            };
+            // q 0..64, k 64..192, v 192..320, q_pos 320, kv_lens 321, out 322..: adjacent, not overlapping.
+            launch([0, 64, 192, 320, 321, 322]).unwrap_or_else(|e| panic!("{queries} queries, disjoint ranges: {e}"));
+            let cases = [
+                ([0, 64, 192, 320, 321, 10], "out overlaps q"),
+                ([0, 64, 192, 320, 321, 100], "out overlaps k_slot"),
+                ([0, 64, 192, 320, 330, 322], "kv_lens inside out"),
+            ];
+            for (offsets, case) in cases {
+                common::assert_refused(launch(offsets), "out", &format!("{queries} queries, {case}"));
+            }
+        }
+        let wp = WriteParams::new(1, 1, 1, 16, 8, false);
+        let write = |[nk, nv, start, ks, vs]: [usize; 5]| {
+            let (nk, nv, start) = (f32s(nk, wp.new_len()), f32s(nv, wp.new_len()), u32s(start, 1));
+            let (mut ks, mut vs) = (f32s(ks, wp.slot_len()), f32s(vs, wp.slot_len()));
+            frugal_attn::crosslayer::cuda::write(c, st, &wp, &*nk, &*nv, &*start, &mut *ks, &mut *vs)
+        };
+        // new_k 0..16, new_v 16..32, start 32, k_slot 33..161, v_slot 161..289.
+        write([0, 16, 32, 33, 161]).unwrap_or_else(|e| panic!("write: disjoint ranges rejected: {e}"));
+        common::assert_refused(write([0, 16, 32, 8, 161]), "k_slot", "write, k_slot overlaps new_k");
+        common::assert_refused(write([0, 16, 32, 33, 100]), "k_slot", "write, v_slot overlaps k_slot");
+        common::assert_refused(write([0, 16, 200, 33, 161]), "v_slot", "write, start inside v_slot");
+        st.synchronize().unwrap();
+        return;
+    }
     let Backend::Wgpu(w) = backend else { return };
     let _gate = w.exclusive();
     let buf = || w.upload(&[0u8; 4096]);

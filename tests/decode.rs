@@ -196,11 +196,31 @@ fn bad_input(backend: &Backend) {
 
 backend_tests!(bad_input);
 
-/// A written tensor (`out`, the workspace) sharing its wgpu buffer with
-/// another argument is refused, naming it. CPU and CUDA take what they write
-/// by `&mut`, so safe Rust already rules the aliasing out there.
+/// A written tensor (`out`, the workspace) sharing its wgpu buffer, or on
+/// CUDA its device memory, with another argument is refused, naming it. The
+/// CPU launchers take what they write by `&mut`, so safe Rust rules the
+/// aliasing out there; on CUDA an engine's own allocations can alias.
 fn aliasing(backend: &Backend) {
     use frugal_attn::backend::{WgpuTensor, WgpuWorkspace};
+    if let Backend::Cuda(c) = backend {
+        let (st, p) = (c.stream(), DecodeParams::new(shape(1, 2, 1, 16, 8)));
+        let arena = st.alloc_zeros::<f32>(1024).unwrap();
+        let mut ws = frugal_attn::backend::CudaWorkspace::new(st, p.workspace_bytes()).unwrap();
+        // Element offsets into one allocation of q, k_cache, v_cache, out and seq_lens.
+        let mut launch = |[q, k, v, o, s]: [usize; 5]| {
+            let a = |off: usize, len: usize| common::CudaAlias::<f32>::of(st, &arena, 4 * off, len);
+            let (q, k, v, mut o) = (a(q, p.q_len()), a(k, p.k_len()), a(v, p.v_len()), a(o, p.o_len()));
+            let s = common::CudaAlias::<u32>::of(st, &arena, 4 * s, 1);
+            frugal_attn::decode::cuda::decode(c, st, &p, &*q, &*k, &*v, &*s, &mut *o, &mut ws)
+        };
+        // q 0..32, k 32..160, v 160..288, out 288..320, seq_lens 320: adjacent, not overlapping.
+        launch([0, 32, 160, 288, 320]).unwrap_or_else(|e| panic!("disjoint ranges of one allocation rejected: {e}"));
+        common::assert_refused(launch([0, 32, 160, 16, 320]), "out", "out overlaps q");
+        common::assert_refused(launch([0, 32, 160, 100, 320]), "out", "out overlaps k_cache");
+        common::assert_refused(launch([0, 32, 160, 288, 319]), "out", "seq_lens inside out");
+        st.synchronize().unwrap();
+        return;
+    }
     let Backend::Wgpu(w) = backend else { return };
     let _gate = w.exclusive();
     let p = DecodeParams::new(shape(1, 2, 1, 16, 8));

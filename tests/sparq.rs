@@ -284,12 +284,32 @@ fn bad_input(backend: &Backend) {
 }
 
 /// A written argument (`out`, the workspace, the cache when filled or
-/// appended to) sharing its wgpu buffer with another is refused, naming it.
-/// CPU and CUDA take what they write by `&mut`, so safe Rust already rules the
-/// aliasing out there.
+/// appended to) sharing its wgpu buffer with another is refused, naming it;
+/// on CUDA, `out` overlapping `q` in device memory. The CPU launchers take
+/// what they write by `&mut`, so safe Rust rules the aliasing out there; on
+/// CUDA an engine's own allocations can alias.
 fn aliasing(backend: &Backend) {
     use frugal_attn::backend::{WgpuTensor, WgpuWorkspace};
     use frugal_attn::sparq::wgpu::{sparq, SparqCache};
+    if let Backend::Cuda(c) = backend {
+        let st = c.stream();
+        let p = params(1, 2, 1, 16, 64, cfg(4, 8, GqaMode::Shared));
+        let cache = frugal_attn::sparq::cuda::SparqCache::<f32>::new(st, p.cache).unwrap();
+        let mut ws = frugal_attn::backend::CudaWorkspace::new(st, p.workspace_bytes()).unwrap();
+        let arena = st.alloc_zeros::<f32>(1024).unwrap();
+        // Element offsets into one allocation of q and out.
+        let mut step = |q: usize, o: usize| {
+            let q = common::CudaAlias::<f32>::of(st, &arena, 4 * q, p.q_len());
+            let mut o = common::CudaAlias::<f32>::of(st, &arena, 4 * o, p.o_len());
+            frugal_attn::sparq::cuda::sparq(c, st, &p, &cache, &*q, &mut *o, &mut ws)
+        };
+        // q 0..32, out 32..64: adjacent, not overlapping.
+        step(0, 32).unwrap_or_else(|e| panic!("disjoint ranges of one allocation rejected: {e}"));
+        common::assert_refused(step(0, 16), "out", "out overlaps q");
+        common::assert_refused(step(31, 0), "out", "q overlaps out");
+        st.synchronize().unwrap();
+        return;
+    }
     let Backend::Wgpu(w) = backend else { return };
     let _gate = w.exclusive();
     let p = params(1, 2, 1, 16, 64, cfg(4, 8, GqaMode::Shared));

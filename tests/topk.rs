@@ -111,11 +111,30 @@ fn bad_input(backend: &Backend) {
     }
 }
 
-/// An output sharing its wgpu buffer with another argument is refused,
-/// naming it. CPU and CUDA take their outputs by `&mut`, so safe Rust already
-/// rules the aliasing out there.
+/// An output sharing its wgpu buffer, or on CUDA its device memory, with
+/// another argument is refused, naming it. The CPU launcher takes its outputs
+/// by `&mut`, so safe Rust rules the aliasing out there; on CUDA an engine's
+/// own allocations can alias.
 fn aliasing(backend: &Backend) {
     use frugal_attn::backend::WgpuTensor;
+    if let Backend::Cuda(c) = backend {
+        let (st, p) = (c.stream(), TopkParams::new(3, 100, 10));
+        let arena = st.alloc_zeros::<f32>(1024).unwrap();
+        // Element offsets into one allocation of x, indices and values.
+        let launch = |[x, i, v]: [usize; 3]| {
+            let x = common::CudaAlias::<f32>::of(st, &arena, 4 * x, p.x_len());
+            let mut i = common::CudaAlias::<u32>::of(st, &arena, 4 * i, p.out_len());
+            let mut v = common::CudaAlias::<f32>::of(st, &arena, 4 * v, p.out_len());
+            frugal_attn::topk::cuda::topk(c, st, &p, &*x, &mut *i, &mut *v)
+        };
+        // x 0..300, indices 300..330, values 330..360: adjacent, not overlapping.
+        launch([0, 300, 330]).unwrap_or_else(|e| panic!("disjoint ranges of one allocation rejected: {e}"));
+        common::assert_refused(launch([0, 290, 330]), "indices", "indices overlap x");
+        common::assert_refused(launch([0, 300, 100]), "values", "values overlap x");
+        common::assert_refused(launch([0, 300, 320]), "indices", "values overlap indices");
+        st.synchronize().unwrap();
+        return;
+    }
     let Backend::Wgpu(w) = backend else { return };
     let _gate = w.exclusive();
     let p = TopkParams::new(3, 100, 10);

@@ -199,9 +199,40 @@ impl CudaWorkspace {
         let (ptr, _sync) = self.buf.device_ptr(stream);
         ptr
     }
+
+    /// The workspace as a written argument of [`check_no_alias`].
+    pub(crate) fn span(&self, stream: &CudaStream) -> DeviceSpan {
+        span::<u8>("workspace", self.device_ptr(stream), self.bytes(), true)
+    }
 }
 
 /// Maps a failed launch of kernel `name` to an `Err` that names it.
 pub(crate) fn launch_err(name: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::device(NAME, format!("launching {name}: {e}"))
+}
+
+/// A launch argument's device memory for [`check_no_alias`]: its name, first
+/// byte, one past its last byte, and whether the launch writes it.
+pub(crate) type DeviceSpan = (&'static str, u64, u64, bool);
+
+/// The span of `len` elements of `T` at device address `ptr`.
+pub(crate) fn span<T>(name: &'static str, ptr: u64, len: usize, written: bool) -> DeviceSpan {
+    (name, ptr, ptr + (len * std::mem::size_of::<T>()) as u64, written)
+}
+
+/// `Err` naming the written argument whose bytes overlap another argument's.
+/// Safe Rust cannot hand a launcher a `&mut` slice that aliases another
+/// argument, but an engine that wraps its own allocations
+/// (`CudaStream::upgrade_device_ptr`) can, and a kernel would then read what
+/// it is writing.
+pub(crate) fn check_no_alias(spans: &[DeviceSpan]) -> Result<()> {
+    for (i, &(a, a0, a1, aw)) in spans.iter().enumerate() {
+        for &(b, b0, b1, bw) in &spans[i + 1..] {
+            if (aw || bw) && a0 < b1 && b0 < a1 {
+                let (written, other) = if aw { (a, b) } else { (b, a) };
+                return Err(Error::invalid(written, format!("overlaps `{other}` in device memory")));
+            }
+        }
+    }
+    Ok(())
 }

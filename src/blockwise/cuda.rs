@@ -5,8 +5,8 @@
 //! `T`; `o`, `lse`, `delta`, `dq`, `dk`, `dv` are f32. A tensor a launcher
 //! writes must not overlap any other argument in memory.
 
-use super::{check_lens, check_no_alias, BlockParams, BlockShape, Mask};
-use crate::backend::cuda::{launch_err, CudaBackend};
+use super::{check_lens, BlockParams, BlockShape, Mask};
+use crate::backend::cuda::{check_no_alias, launch_err, span, CudaBackend};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -244,11 +244,6 @@ fn kernel_params(p: &BlockParams, accumulate: bool) -> KernelParams {
 fn shape_params(s: &BlockShape) -> KernelParams {
     let p = BlockParams::new(*s, Mask::None);
     kernel_params(&p, false)
-}
-
-/// `(name, start, end, written)` of a tensor of `T` at `ptr` holding `len` elements.
-fn span<T>(name: &'static str, ptr: u64, len: usize, written: bool) -> (&'static str, u64, u64, bool) {
-    (name, ptr, ptr + (len * std::mem::size_of::<T>()) as u64, written)
 }
 
 fn check_grid(dims: [(usize, &'static str); 2]) -> Result<()> {

@@ -292,20 +292,6 @@ pub(crate) fn check_lens(needs: &[(&'static str, usize)], have: &[usize]) -> Res
     Ok(())
 }
 
-/// `Err` naming the written tensor when its byte range `[start, end)` overlaps
-/// another tensor's; `tensors` are `(name, start, end, written)`.
-pub(crate) fn check_no_alias(tensors: &[(&'static str, u64, u64, bool)]) -> Result<()> {
-    for (i, &(a, a0, a1, aw)) in tensors.iter().enumerate() {
-        for &(b, b0, b1, bw) in &tensors[i + 1..] {
-            if (aw || bw) && a0 < b1 && b0 < a1 {
-                let (w, other) = if aw { (a, b) } else { (b, a) };
-                return Err(crate::error::Error::invalid(w, format!("overlaps `{other}` in memory")));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// `Err` naming `arg` unless a buffer of `have` elements holds the `need` a layout asks for.
 pub(crate) fn need_elems(arg: &'static str, have: usize, need: usize) -> Result<()> {
     ensure(have >= need, arg, || format!("holds {have} elements, the layout needs {need}"))

@@ -1,7 +1,7 @@
 //! CUDA launchers for cross-layer attention and slot writes (`kernels-cuda/crosslayer.cu`).
 
 use super::{AttnBuffers, AttnParams, WriteParams};
-use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{check_no_alias, launch_err, span, CudaBackend, CudaWorkspace};
 use crate::decode::cuda::{launch_split_kv, Keys, SlotKeyParams};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
@@ -94,6 +94,17 @@ pub fn attend<T: Element>(
     let (pos_ptr, _pos_sync) = q_pos.device_ptr(stream);
     let (lens_ptr, _lens_sync) = kv_lens.device_ptr(stream);
     let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
+    // The chunk form uses no workspace; refusing an aliased one in both forms keeps one rule.
+    let batch = params.shape.batch;
+    check_no_alias(&[
+        span::<T>("q", q_ptr, params.q_len(), false),
+        span::<T>("k_slot", k_ptr, params.k_len(), false),
+        span::<T>("v_slot", v_ptr, params.v_len(), false),
+        span::<u32>("q_pos", pos_ptr, batch, false),
+        span::<u32>("kv_lens", lens_ptr, batch, false),
+        span::<T>("out", o_ptr, params.o_len(), true),
+        workspace.span(stream),
+    ])?;
     if let Some(d) = params.decode_params() {
         let sp = SlotKeyParams {
             mask: params.mask.code() as i32,
@@ -177,6 +188,13 @@ pub fn write<T: Element>(
     let (start_ptr, _start_sync) = start.device_ptr(stream);
     let (k_ptr, _k_sync) = k_slot.device_ptr_mut(stream);
     let (v_ptr, _v_sync) = v_slot.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<T>("new_k", nk_ptr, params.new_len(), false),
+        span::<T>("new_v", nv_ptr, params.new_len(), false),
+        span::<u32>("start", start_ptr, params.batch, false),
+        span::<T>("k_slot", k_ptr, params.slot_len(), true),
+        span::<T>("v_slot", v_ptr, params.slot_len(), true),
+    ])?;
     // SAFETY: as in `attend`; the slot rows written are < rows by construction.
     unsafe {
         stream

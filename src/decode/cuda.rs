@@ -1,7 +1,7 @@
 //! CUDA launchers for dense decode (`kernels-cuda/decode.cu`).
 
 use super::{BufferLens, DecodeParams};
-use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{check_no_alias, launch_err, span, CudaBackend, CudaWorkspace};
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -118,6 +118,14 @@ pub fn decode<T: Element>(
     let (v_ptr, _v_sync) = v_cache.device_ptr(stream);
     let (lens_ptr, _lens_sync) = seq_lens.device_ptr(stream);
     let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<T>("q", q_ptr, params.q_len(), false),
+        span::<T>("k_cache", k_ptr, params.k_len(), false),
+        span::<T>("v_cache", v_ptr, params.v_len(), false),
+        span::<u32>("seq_lens", lens_ptr, params.shape.batch, false),
+        span::<T>("out", o_ptr, params.o_len(), true),
+        workspace.span(stream),
+    ])?;
     launch_split_kv::<T>(
         backend,
         stream,

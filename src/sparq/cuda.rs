@@ -3,7 +3,7 @@
 //! merge, recorded on one stream over the caller's workspace).
 
 use super::{GqaMode, SparqCacheShape, SparqParams};
-use crate::backend::cuda::{launch_err, CudaBackend, CudaWorkspace};
+use crate::backend::cuda::{check_no_alias, launch_err, span, CudaBackend, CudaWorkspace};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -342,6 +342,17 @@ pub fn sparq<T: Element>(
     let (mean_ptr, _mean_sync) = cache.mean.device_ptr(stream);
     let (lens_ptr, _lens_sync) = cache.lens.device_ptr(stream);
     let ws_ptr = workspace.device_ptr(stream);
+    let kv_len = cache.shape().kv_len();
+    check_no_alias(&[
+        span::<T>("q", q_ptr, params.q_len(), false),
+        span::<T>("out", o_ptr, params.o_len(), true),
+        workspace.span(stream),
+        span::<T>("cache", k_ptr, kv_len, false),
+        span::<T>("cache", kt_ptr, kv_len, false),
+        span::<T>("cache", v_ptr, kv_len, false),
+        span::<f32>("cache", mean_ptr, cache.shape().mean_len(), false),
+        span::<u32>("cache", lens_ptr, cache.shape().batch, false),
+    ])?;
 
     // 8-byte loads: K^T rows start at multiples of the capacity (scores; the
     // logits are then stored as aligned 2- or 4-float vectors), K/V rows at

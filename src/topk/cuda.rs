@@ -1,7 +1,7 @@
 //! CUDA launcher for top-k (`kernels-cuda/topk.cu`).
 
 use super::TopkParams;
-use crate::backend::cuda::{launch_err, CudaBackend};
+use crate::backend::cuda::{check_no_alias, launch_err, span, CudaBackend};
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -43,6 +43,11 @@ pub fn topk<T: Element>(
     let (x_ptr, _x_sync) = x.device_ptr(stream);
     let (i_ptr, _i_sync) = indices.device_ptr_mut(stream);
     let (v_ptr, _v_sync) = values.device_ptr_mut(stream);
+    check_no_alias(&[
+        span::<T>("x", x_ptr, params.x_len(), false),
+        span::<u32>("indices", i_ptr, params.out_len(), true),
+        span::<T>("values", v_ptr, params.out_len(), true),
+    ])?;
     let kp = KernelParams {
         row_stride: params.row_stride as i64,
         rows: params.rows as i32,

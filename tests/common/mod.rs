@@ -113,3 +113,48 @@ pub fn assert_refused(result: Result<(), frugal_attn::Error>, arg: &str, case: &
         Ok(()) => panic!("{case}: expected an error naming `{arg}`, the launch was accepted"),
     }
 }
+
+/// A `CudaSlice` over `len` elements of `buf`'s memory from byte `byte_offset`
+/// on, as an engine that wraps its own allocations
+/// (`CudaStream::upgrade_device_ptr`) can make: safe Rust cannot alias a
+/// launcher's `&mut` argument, this can, and the launchers must refuse it.
+/// Leaked on drop, so only `buf` frees the memory.
+pub struct CudaAlias<T>(Option<cudarc::driver::CudaSlice<T>>);
+
+impl<T> CudaAlias<T> {
+    pub fn of<U>(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        buf: &cudarc::driver::CudaSlice<U>,
+        byte_offset: usize,
+        len: usize,
+    ) -> Self {
+        use cudarc::driver::DevicePtr;
+        let bytes = buf.len() * std::mem::size_of::<U>();
+        assert!(byte_offset + len * std::mem::size_of::<T>() <= bytes, "the alias must stay inside `buf`");
+        let (ptr, _sync) = buf.device_ptr(stream);
+        // SAFETY: inside `buf`'s allocation, which the tests keep alive longer
+        // than the alias; the alias is leaked, never freed.
+        CudaAlias(Some(unsafe { stream.upgrade_device_ptr(ptr + byte_offset as u64, len) }))
+    }
+}
+
+impl<T> std::ops::Deref for CudaAlias<T> {
+    type Target = cudarc::driver::CudaSlice<T>;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until drop")
+    }
+}
+
+impl<T> std::ops::DerefMut for CudaAlias<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("present until drop")
+    }
+}
+
+impl<T> Drop for CudaAlias<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.leak();
+        }
+    }
+}
