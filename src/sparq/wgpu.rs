@@ -221,6 +221,10 @@ impl SparqCache {
         let mean_groups = (d.div_ceil(FILL_DIMS) as u32, y, z);
         dispatches.push(Dispatch { entry: "sparq_fill_mean", bindings: &mean_v, groups: mean_groups });
 
+        // Pipelines first, so that an Err records nothing: the lengths' copy must precede the pass.
+        for d in &dispatches {
+            backend.pipeline(KERNELS.name, KERNELS.source, d.entry, self.dtype)?;
+        }
         let staged = backend.upload(bytemuck::cast_slice(seq_lens));
         encoder.copy_buffer_to_buffer(&staged, 0, &self.lens, 0, 4 * s.batch as u64);
         backend.record_pass(encoder, "sparq_fill", KERNELS, self.dtype, &dispatches)?;
