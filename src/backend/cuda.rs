@@ -181,13 +181,16 @@ impl CudaBackend {
 /// technique's `workspace_bytes` says how much a shape needs.
 pub struct CudaWorkspace {
     buf: CudaSlice<u8>,
+    /// `buf`'s device address (fixed for its life), for [`CudaWorkspace::span`].
+    base: u64,
 }
 
 impl CudaWorkspace {
     pub fn new(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
         // Never zero-sized: cudarc refuses empty allocations on some drivers.
         let buf = stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| Error::device(NAME, e))?;
-        Ok(CudaWorkspace { buf })
+        let base = buf.device_ptr(stream).0;
+        Ok(CudaWorkspace { buf, base })
     }
 
     pub fn bytes(&self) -> usize {
@@ -200,9 +203,10 @@ impl CudaWorkspace {
         ptr
     }
 
-    /// The workspace as a written argument of [`check_no_alias`].
-    pub(crate) fn span(&self, stream: &CudaStream) -> DeviceSpan {
-        span::<u8>("workspace", self.device_ptr(stream), self.bytes(), true)
+    /// The workspace as a written argument of [`check_no_alias`] (from the
+    /// stored address: no stream synchronization on the launch path).
+    pub(crate) fn span(&self) -> DeviceSpan {
+        span::<u8>("workspace", self.base, self.bytes(), true)
     }
 }
 

@@ -103,7 +103,7 @@ pub fn attend<T: Element>(
         span::<u32>("q_pos", pos_ptr, batch, false),
         span::<u32>("kv_lens", lens_ptr, batch, false),
         span::<T>("out", o_ptr, params.o_len(), true),
-        workspace.span(stream),
+        workspace.span(),
     ])?;
     if let Some(d) = params.decode_params() {
         let sp = SlotKeyParams {

@@ -124,7 +124,7 @@ pub fn decode<T: Element>(
         span::<T>("v_cache", v_ptr, params.v_len(), false),
         span::<u32>("seq_lens", lens_ptr, params.shape.batch, false),
         span::<T>("out", o_ptr, params.o_len(), true),
-        workspace.span(stream),
+        workspace.span(),
     ])?;
     launch_split_kv::<T>(
         backend,

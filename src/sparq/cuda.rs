@@ -346,7 +346,7 @@ pub fn sparq<T: Element>(
     check_no_alias(&[
         span::<T>("q", q_ptr, params.q_len(), false),
         span::<T>("out", o_ptr, params.o_len(), true),
-        workspace.span(stream),
+        workspace.span(),
         span::<T>("cache", k_ptr, kv_len, false),
         span::<T>("cache", kt_ptr, kv_len, false),
         span::<T>("cache", v_ptr, kv_len, false),
